@@ -1,0 +1,119 @@
+"""Run nnU-Net's own commands (plan/preprocess, train, predict, evaluate) as subprocesses.
+
+Used by the demo and the benchmarks: nothing of nnU-Net is re-implemented here. The commands are the console
+scripts installed next to this interpreter; their output streams to the console so progress is visible.
+`small_machine_env()` holds the settings that keep nnU-Net usable on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+SMALL_MACHINE_ENV = {
+    "nnUNet_n_proc_DA": "0",  # augment in the main process (no worker processes)
+    "nnUNet_def_n_proc": "2",  # pools of nnU-Net's final validation / export
+    "nnUNet_compile": "f",  # torch.compile only pays off on long GPU runs
+    "OMP_NUM_THREADS": None,  # leave torch's default
+}
+
+
+class CommandFailed(RuntimeError):
+    pass
+
+
+def small_machine_env(base: dict | None = None, **extra: str) -> dict:
+    env = dict(os.environ if base is None else base)
+    for k, v in SMALL_MACHINE_ENV.items():
+        if v is not None:
+            env.setdefault(k, v)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def nnunet_folders(workdir: str) -> dict[str, str]:
+    """nnUNet_raw / nnUNet_preprocessed / nnUNet_results below `workdir` (created)."""
+    out = {}
+    for var, sub in (("nnUNet_raw", "nnUNet_raw"), ("nnUNet_preprocessed", "nnUNet_preprocessed"),
+                     ("nnUNet_results", "nnUNet_results")):
+        out[var] = os.path.join(os.path.abspath(workdir), sub)
+        os.makedirs(out[var], exist_ok=True)
+    return out
+
+
+def console_script(name: str) -> str:
+    """Path of an installed console script (nnUNetv2_train, ...) of this environment."""
+    candidate = os.path.join(os.path.dirname(sys.executable), name)
+    if os.path.isfile(candidate):
+        return candidate
+    found = shutil.which(name)
+    if found is None:
+        raise CommandFailed(f"'{name}' not found next to {sys.executable} nor on PATH: is nnunetv2 installed?")
+    return found
+
+
+def run_command(args: list[str], env: dict, log=print, capture: bool = False) -> str:
+    """Run one command, streaming its output (or capturing it); raise CommandFailed with its tail on failure."""
+    exe = console_script(args[0]) if os.sep not in args[0] else args[0]
+    log(f"$ {' '.join([os.path.basename(exe)] + [str(a) for a in args[1:]])}")
+    t0 = time.time()
+    proc = subprocess.Popen([exe] + [str(a) for a in args[1:]], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if not capture:
+            sys.stdout.write("    " + line)
+            sys.stdout.flush()
+    rc = proc.wait()
+    if rc != 0:
+        tail = "".join(lines[-40:])
+        raise CommandFailed(f"{os.path.basename(exe)} failed with exit code {rc} after {time.time() - t0:.0f} s:\n"
+                            f"{tail}")
+    return "".join(lines)
+
+
+def plan_and_preprocess(dataset_id: int, env: dict, configurations=("2d",), log=print) -> None:
+    # nnU-Net 2.8.1's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0
+    env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
+    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "2",
+                 "-npfp", "2", "--verify_dataset_integrity"], env, log)
+
+
+def train(dataset_id: int, trainer: str, plans: str, fold: int | str, env: dict, device: str = "cpu",
+          configuration: str = "2d", extra: list[str] = (), log=print) -> None:
+    run_command(["nnUNetv2_train", str(dataset_id), configuration, str(fold), "-tr", trainer, "-p", plans,
+                 "-device", device, *extra], env, log)
+
+
+def predict(dataset_id: int, trainer: str, plans: str, fold: int | str, input_folder: str, output_folder: str,
+            env: dict, device: str = "cpu", configuration: str = "2d", checkpoint: str = "checkpoint_final.pth",
+            log=print) -> None:
+    run_command(["nnUNetv2_predict", "-i", input_folder, "-o", output_folder, "-d", str(dataset_id), "-c",
+                 configuration, "-tr", trainer, "-p", plans, "-f", str(fold), "-chk", checkpoint, "-npp", "0",
+                 "-nps", "0", "-device", device, "--disable_progress_bar"], env, log)
+
+
+def evaluate(gt_folder: str, pred_folder: str, dataset_json: str, plans_json: str, env: dict, log=print) -> dict:
+    """nnUNetv2_evaluate_folder; returns its summary.json as a dict."""
+    out = os.path.join(pred_folder, "summary.json")
+    run_command(["nnUNetv2_evaluate_folder", gt_folder, pred_folder, "-djfile", dataset_json, "-pfile", plans_json,
+                 "-o", out, "-np", "2"], env, log)
+    with open(out, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def dice_from_summary(summary: dict, labels: dict[str, int]) -> dict[str, float]:
+    """{label name: mean Dice over cases} for the foreground labels, plus 'mean' (nnU-Net's foreground mean)."""
+    by_value = {str(v): k for k, v in labels.items() if v != 0 and k != "ignore"}
+    out = {}
+    for key, metrics in summary["mean"].items():
+        name = by_value.get(str(key).strip("()").rstrip(",").strip())
+        if name is not None:
+            out[name] = float(metrics["Dice"])
+    out["mean"] = float(summary["foreground_mean"]["Dice"])
+    return out

@@ -1,0 +1,133 @@
+"""Base of every nnunet-contrastive trainer: labeled subset of the fold, short-run schedules, safe checkpoints.
+
+- Labeled subset: `splits_final.json` may list, per fold, which training cases are labeled
+  (`nnunet-contrastive select-labeled`, see nnunet_contrastive.labeled). `self.labeled_keys` /
+  `self.unlabeled_keys` hold them; only labeled cases enter nnU-Net's supervised data loader. A fold without a
+  `labeled` list is fully labeled.
+- Short runs: the environment variables `nnUNet_contrastive_epochs`, `nnUNet_contrastive_iterations` and
+  `nnUNet_contrastive_val_iterations` override nnU-Net's 1000 epochs x 250 iterations (50 validation iterations)
+  for demos, tests and CPU benchmarks; the log says when they are active.
+- Checkpoints are written atomically (temporary file, then rename) and carry our state under the key
+  `CHECKPOINT_KEY`, which nnU-Net's predictor ignores. The labeled subset is part of it: resuming (`--c`) with a
+  different subset stops with an error instead of silently training on other labels.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch._dynamo import OptimizedModule
+
+from nnunet_contrastive.labeled import SPLITS_FILENAME, labeled_and_unlabeled, read_splits
+
+CHECKPOINT_KEY = "nnunet_contrastive"
+SCHEDULE_ENV = {
+    "num_epochs": "nnUNet_contrastive_epochs",
+    "num_iterations_per_epoch": "nnUNet_contrastive_iterations",
+    "num_val_iterations_per_epoch": "nnUNet_contrastive_val_iterations",
+}
+
+
+def schedule_from_env(environ=None) -> dict[str, int]:
+    """Trainer attribute -> value for each schedule variable that is set. Raises ValueError on a bad value."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    for attr, var in SCHEDULE_ENV.items():
+        raw = environ.get(var)
+        if raw is None or raw == "":
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{var}={raw!r}: must be a positive integer.") from None
+        if value < 1:
+            raise ValueError(f"{var}={raw!r}: must be a positive integer.")
+        out[attr] = value
+    return out
+
+
+class nnUNetTrainerContrastiveBase(nnUNetTrainer):
+    """Shared base of our trainers (trains like nnUNetTrainerFewLabels); not meant to be selected with -tr."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.schedule_overrides = schedule_from_env()
+        for attr, value in self.schedule_overrides.items():
+            setattr(self, attr, value)
+        self.labeled_keys: list[str] | None = None
+        self.unlabeled_keys: list[str] = []
+
+    # ------------------------------------------------------------------ data split
+    def do_split(self):
+        tr_keys, val_keys = super().do_split()
+        labeled, unlabeled = tr_keys, []
+        splits_file = os.path.join(self.preprocessed_dataset_folder_base, SPLITS_FILENAME)
+        if self.fold != "all" and os.path.isfile(splits_file):
+            splits = read_splits(self.preprocessed_dataset_folder_base)
+            if self.fold < len(splits) and list(splits[self.fold]["train"]) == list(tr_keys):
+                labeled, unlabeled = labeled_and_unlabeled(splits[self.fold], self.fold)
+        if self.labeled_keys is not None and sorted(self.labeled_keys) != sorted(labeled):
+            raise RuntimeError(
+                f"The labeled subset of fold {self.fold} in {splits_file} differs from the one this run was started "
+                f"with ({len(self.labeled_keys)} cases, recorded in the checkpoint). Restore the old subset or "
+                f"start a new run (a new results folder) instead of --c.")
+        self.labeled_keys, self.unlabeled_keys = list(labeled), list(unlabeled)
+        self.print_to_log_file(
+            f"Labeled subset: {len(self.labeled_keys)} labeled and {len(self.unlabeled_keys)} unlabeled training "
+            f"cases (labels of unlabeled cases are never read); {len(val_keys)} validation cases.")
+        if self.local_rank == 0 and self.output_folder is not None:
+            os.makedirs(self.output_folder, exist_ok=True)
+            with open(os.path.join(self.output_folder, "labeled_subset.json"), "w", encoding="utf-8") as f:
+                json.dump({"labeled": self.labeled_keys, "unlabeled": self.unlabeled_keys, "val": list(val_keys)},
+                          f, indent=1)
+        return self.labeled_keys, val_keys
+
+    def on_train_start(self):
+        if self.schedule_overrides:
+            self.print_to_log_file(f"Schedule overridden by environment: {self.schedule_overrides}")
+        super().on_train_start()
+
+    # ------------------------------------------------------------------ checkpoints
+    def extra_checkpoint_state(self) -> dict:
+        """Our state saved beside nnU-Net's keys. Subclasses extend it (heads, teacher, stage, schedules)."""
+        return {"labeled_keys": self.labeled_keys, "schedule_overrides": self.schedule_overrides}
+
+    def load_extra_checkpoint_state(self, state: dict) -> None:
+        if state.get("labeled_keys") is not None:
+            self.labeled_keys = list(state["labeled_keys"])
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        mod = self.network.module if self.is_ddp else self.network
+        if isinstance(mod, OptimizedModule):
+            mod = mod._orig_mod
+        checkpoint = {
+            "network_weights": mod.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            CHECKPOINT_KEY: self.extra_checkpoint_state(),
+        }
+        tmp = filename + ".tmp"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)  # atomic: an interrupted save never destroys the previous checkpoint
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not isinstance(filename_or_checkpoint, str):
+            raise TypeError("nnunet-contrastive trainers load checkpoints from a file path (nnU-Net 2.8.1's "
+                            "load_checkpoint cannot take a dict).")
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        self.load_extra_checkpoint_state(checkpoint.get(CHECKPOINT_KEY, {}))
