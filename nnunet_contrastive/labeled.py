@@ -37,7 +37,7 @@ def select_labeled(train_keys: list[str], num_labeled: int | str, seed: int, fol
     keys = sorted(train_keys)
     if num_labeled == "all":
         return keys
-    if not isinstance(num_labeled, (int, np.integer)) or num_labeled < 1:
+    if isinstance(num_labeled, bool) or not isinstance(num_labeled, (int, np.integer)) or num_labeled < 1:
         raise LabeledSubsetError(f"--num-labeled must be a positive integer or 'all', got {num_labeled!r}.")
     if groups is None:
         groups = {k: k for k in keys}
@@ -60,6 +60,8 @@ def apply_selection(splits: list[dict], num_labeled: int | str, seed: int, by: s
     """Return a copy of nnU-Net splits with `labeled` / `labeled_selection` set on the chosen folds."""
     if by not in ("case", "patient"):
         raise LabeledSubsetError(f"--by must be 'case' or 'patient', got {by!r}.")
+    if by == "patient" and groups is None:
+        raise LabeledSubsetError("--by patient needs the case -> patient mapping (metadata.csv 'patient' column).")
     out = [dict(s) for s in splits]
     for fold in (range(len(out)) if folds is None else folds):
         if not 0 <= fold < len(out):

@@ -28,7 +28,7 @@ import io
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 METADATA_FILENAME = "metadata.csv"
 CASE_COLUMN = "case"
@@ -50,7 +50,7 @@ class MetadataTable:
     columns: list[str]
     rows: dict[str, dict[str, str]]
     source: str = "<memory>"
-    meta_label_columns: list[str] = field(default_factory=list)
+    meta_label_columns: list[str] | None = None  # None: every column
 
     @property
     def cases(self) -> list[str]:
@@ -68,7 +68,7 @@ class MetadataTable:
 
     def available_meta_labels(self) -> list[str]:
         """Meta-labels this table provides (always includes `patient`, which defaults to the case id)."""
-        cols = list(self.meta_label_columns or self.columns)
+        cols = list(self.columns if self.meta_label_columns is None else self.meta_label_columns)
         if PATIENT_COLUMN not in cols:
             cols = [PATIENT_COLUMN] + cols
         return cols

@@ -118,6 +118,9 @@ def derive_plans(preprocessed_dataset_folder: str, override: str, source_plans: 
         plans = json.load(f)
     name, ov = load_override(override)
     new_name = new_plans_name or f"{source_plans}_{name}"
+    if new_name == source_plans:
+        raise PlansOverrideError(f"the new plans name '{new_name}' equals the source plans: choose another --name "
+                                 f"(the source plans file is never overwritten).")
     merged = apply_override(plans, ov, new_name)
     with open(os.path.join(preprocessed_dataset_folder, f"{new_name}.json"), "w", encoding="utf-8") as f:
         json.dump(merged, f, indent=4)
