@@ -17,6 +17,9 @@ SUBCOMMAND_MODULES = [
     "nnunet_contrastive.commands.demo",
     "nnunet_contrastive.commands.plans",
     "nnunet_contrastive.commands.select_labeled",
+    "nnunet_contrastive.commands.convert",
+    "nnunet_contrastive.commands.check",
+    "nnunet_contrastive.commands.preprocess_unlabeled",
 ]
 
 
