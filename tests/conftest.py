@@ -40,3 +40,52 @@ def hippocampus_dir():
 
 def python_exe() -> str:
     return sys.executable
+
+
+# ------------------------------------------------------------------ nnU-Net's CLI on a tiny phantom dataset
+PHANTOM_ID = 991
+
+
+def cli_env(folders: dict, **extra) -> dict:
+    """Environment of a new shell: small-machine settings, the given nnU-Net folders, NO nnUNet_extTrainer
+    (finding our trainers must rely on the installed .pth hook)."""
+    from nnunet_contrastive.pipeline import small_machine_env
+
+    return small_machine_env({k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}, **folders, **extra)
+
+
+def run_cli(args, env, timeout=900) -> str:
+    """Run an installed console script; fail the test with its output tail if it fails."""
+    import subprocess
+
+    from nnunet_contrastive.pipeline import console_script
+
+    exe = console_script(args[0])
+    out = subprocess.run([exe] + [str(a) for a in args[1:]], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, f"{args[0]} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+@pytest.fixture(scope="session")
+def phantom_prepared(tmp_path_factory):
+    """Phantoms (6 training + 2 test patients, 48x48) planned and preprocessed by nnU-Net (2d), metadata checked
+    and copied, the cpu_small plans and 3 labeled patients in fold 0 (patient-level split)."""
+    from nnunet_contrastive.phantom import generate_phantom_dataset
+
+    root = tmp_path_factory.mktemp("phantom")
+    folders = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for f in folders.values():
+        os.makedirs(f)
+    raw = generate_phantom_dataset(folders["nnUNet_raw"], PHANTOM_ID, "E2E", num_train_patients=6,
+                                   num_test_patients=2, size=48, seed=3)
+    env = cli_env(folders)
+    plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # 2.8.1 planner: set_num_threads(0)
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", PHANTOM_ID, "-c", "2d", "-np", "2", "-npfp", "2",
+             "--verify_dataset_integrity"], plan_env)
+    run_cli(["nnunet-contrastive", "check", "-d", PHANTOM_ID], env)
+    run_cli(["nnunet-contrastive", "plans", "-d", PHANTOM_ID, "-o", "cpu_small"], env)
+    run_cli(["nnunet-contrastive", "select-labeled", "-d", PHANTOM_ID, "--num-labeled", "3", "--by", "patient",
+             "-f", "0"], env)
+    pre = os.path.join(folders["nnUNet_preprocessed"], f"Dataset{PHANTOM_ID}_E2E")
+    return dict(folders=folders, env=env, raw=raw, pre=pre)

@@ -7,54 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_contrastive.phantom import generate_phantom_dataset
-from nnunet_contrastive.pipeline import console_script, small_machine_env
+from conftest import PHANTOM_ID as DATASET
+from conftest import cli_env as _env
+from conftest import run_cli as _run
 
 pytestmark = pytest.mark.slow
-DATASET = 991
 TRAINER = "nnUNetTrainerFewLabels"
 PLANS = "nnUNetPlans_cpu_small"
-
-
-def _env(folders, **extra):
-    env = small_machine_env({k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}, **folders, **extra)
-    return env
-
-
-def _run(args, env, timeout=900):
-    exe = console_script(args[0])
-    out = subprocess.run([exe] + [str(a) for a in args[1:]], env=env, capture_output=True, text=True,
-                         timeout=timeout)
-    assert out.returncode == 0, f"{args[0]} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """A phantom dataset, planned and preprocessed by nnU-Net, with a cpu plans override and 3 labeled patients."""
-    root = tmp_path_factory.mktemp("e2e")
-    folders = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for f in folders.values():
-        os.makedirs(f)
-    raw = generate_phantom_dataset(folders["nnUNet_raw"], DATASET, "E2E", num_train_patients=6,
-                                   num_test_patients=2, size=48, seed=3)
-    env = _env(folders)
-    plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # 2.8.1 planner: set_num_threads(0)
-    _run(["nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", "2", "-npfp", "2",
-          "--verify_dataset_integrity"], plan_env)
-    _run(["nnunet-contrastive", "plans", "-d", DATASET, "-o", "cpu_small"], env)
-    _run(["nnunet-contrastive", "select-labeled", "-d", DATASET, "--num-labeled", "3", "--by", "patient",
-          "-f", "0"], env)
-    pre = os.path.join(folders["nnUNet_preprocessed"], f"Dataset{DATASET}_E2E")
-    return dict(folders=folders, env=env, raw=raw, pre=pre)
 
 
 def _chance_dice(gt_folder: str, labels: list[int]) -> float:
@@ -65,7 +30,8 @@ def _chance_dice(gt_folder: str, labels: list[int]) -> float:
     return float(np.mean([np.mean(allv == c) for c in labels]))
 
 
-def test_train_predict_evaluate_with_nnunet_cli(prepared):
+def test_train_predict_evaluate_with_nnunet_cli(phantom_prepared):
+    prepared = phantom_prepared
     env = _env(prepared["folders"], nnUNet_contrastive_epochs=3, nnUNet_contrastive_iterations=15,
                nnUNet_contrastive_val_iterations=2)
     out = _run(["nnUNetv2_train", DATASET, "2d", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"], env)
@@ -109,7 +75,8 @@ def _make_trainer(prepared, device="cpu"):
 
 
 @pytest.fixture
-def in_process_env(prepared, monkeypatch):
+def in_process_env(phantom_prepared, monkeypatch):
+    prepared = phantom_prepared
     """Trainers built in this process (nnU-Net reads its folders from os.environ lazily)."""
     for k, v in prepared["env"].items():
         if k.startswith("nnUNet"):

@@ -5,5 +5,23 @@ class is exported here; `__all__` is what the trainer index re-exports.
 """
 from nnunet_contrastive.trainers.base import nnUNetTrainerContrastiveBase
 from nnunet_contrastive.trainers.few_labels import nnUNetTrainerFewLabels
+from nnunet_contrastive.trainers.mean_teacher import nnUNetTrainerMeanTeacher
+from nnunet_contrastive.trainers.spcon import (nnUNetTrainerSPCon, nnUNetTrainerSPConHard,
+                                               nnUNetTrainerSPConPatient, nnUNetTrainerSPConPhase,
+                                               nnUNetTrainerSPConPosition, nnUNetTrainerSPConPretrain,
+                                               nnUNetTrainerSPConSemiOnly)
+from nnunet_contrastive.trainers.unsup_con import nnUNetTrainerUnsupCon
 
-__all__ = ["nnUNetTrainerContrastiveBase", "nnUNetTrainerFewLabels"]
+__all__ = [
+    "nnUNetTrainerContrastiveBase",
+    "nnUNetTrainerFewLabels",
+    "nnUNetTrainerSPCon",
+    "nnUNetTrainerSPConPretrain",
+    "nnUNetTrainerSPConSemiOnly",
+    "nnUNetTrainerSPConHard",
+    "nnUNetTrainerSPConPosition",
+    "nnUNetTrainerSPConPatient",
+    "nnUNetTrainerSPConPhase",
+    "nnUNetTrainerMeanTeacher",
+    "nnUNetTrainerUnsupCon",
+]

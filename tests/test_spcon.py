@@ -1,0 +1,233 @@
+"""nnUNetTrainerSPCon and its variants on tiny phantoms: nnU-Net's CLI end to end, exact resume, meta-label checks."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PHANTOM_ID, cli_env, run_cli
+
+pytestmark = pytest.mark.slow
+PLANS = "nnUNetPlans_cpu_small"
+
+
+def _fold_dir(prepared, trainer, results=None):
+    return os.path.join(results or prepared["folders"]["nnUNet_results"], f"Dataset{PHANTOM_ID}_E2E",
+                        f"{trainer}__{PLANS}__2d", "fold_0")
+
+
+def _l_max(n: int, tau: float) -> float:
+    """Largest pair loss for n samples (2n views) of unit vectors: log(1 + 2(n-1) e^{2/tau}), written out here."""
+    return math.log1p(2 * (n - 1) * math.exp(2 / tau))
+
+
+def _predict_and_dice(prepared, trainer, env, checkpoint, out_name):
+    pred = os.path.join(prepared["folders"]["nnUNet_results"], out_name)
+    run_cli(["nnUNetv2_predict", "-i", os.path.join(prepared["raw"], "imagesTs"), "-o", pred, "-d", PHANTOM_ID,
+             "-c", "2d", "-tr", trainer, "-p", PLANS, "-f", "0", "-chk", checkpoint, "-npp", "0", "-nps", "0",
+             "-device", "cpu", "--disable_progress_bar"], env)
+    run_cli(["nnUNetv2_evaluate_folder", os.path.join(prepared["raw"], "labelsTs"), pred, "-djfile",
+             os.path.join(prepared["raw"], "dataset.json"), "-pfile", os.path.join(prepared["pre"], f"{PLANS}.json"),
+             "-np", "2"], env)
+    return json.load(open(os.path.join(pred, "summary.json")))["foreground_mean"]["Dice"]
+
+
+def test_spcon_cli_train_predict_evaluate_student_and_teacher(phantom_prepared):
+    prepared = phantom_prepared
+    env = cli_env(prepared["folders"], nnUNet_contrastive_epochs=4, nnUNet_contrastive_pretrain_epochs=1,
+                  nnUNet_contrastive_iterations=10, nnUNet_contrastive_val_iterations=1)
+    out = run_cli(["nnUNetv2_train", PHANTOM_ID, "2d", "0", "-tr", "nnUNetTrainerSPCon", "-p", PLANS,
+                   "-device", "cpu"], env)
+    assert "stage 1: " in out and "sp_loss_partition" in out and "sp_loss_patient" in out
+    assert "stage 2: " in out and "mt_loss" in out and "sp_loss_phase" in out
+    fold = _fold_dir(prepared, "nnUNetTrainerSPCon")
+    for f in ("checkpoint_final.pth", "checkpoint_teacher.pth", "progress.png", "progress_contrastive.png"):
+        assert os.path.isfile(os.path.join(fold, f)), f
+    ckpt = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    extra = ckpt["nnunet_contrastive"]
+    assert extra["active_meta_labels"] == ["partition", "patient", "phase"]
+    assert {"projection_head", "teacher"} <= set(extra)
+    assert not any(k.startswith(("projection_head", "teacher")) for k in ckpt["network_weights"])
+    teacher = torch.load(os.path.join(fold, "checkpoint_teacher.pth"), map_location="cpu", weights_only=False)
+    assert teacher["network_weights"].keys() == ckpt["network_weights"].keys()
+    assert any(not torch.equal(teacher["network_weights"][k], ckpt["network_weights"][k])
+               for k in ckpt["network_weights"])
+    log = ckpt["logging"]
+    assert log["stage"] == [1.0, 2.0, 2.0, 2.0]
+    # gamma (Eq. 16, p = 0.5) as a multiple of the largest pair loss: stage 1 has 6 samples (2 volumes x 3
+    # partitions of the batch of 8), stage 2 the 4 unlabeled rows of 8
+    frac = lambda t, length: 0.15 + (1.8 - 0.15) * (t / length) ** 0.5  # noqa: E731
+    expected = [frac(0, 1) * _l_max(6, 0.07)] + [frac(t, 3) * _l_max(4, 0.07) for t in range(3)]
+    assert log["gamma_partition"] == pytest.approx(expected, rel=1e-6)
+    assert all(0 <= w <= 1 for w in log["w_mean_partition"])
+    assert log["mt_weight"][1] < log["mt_weight"][3]  # ramp-up
+    dice_student = _predict_and_dice(prepared, "nnUNetTrainerSPCon", env, "checkpoint_final.pth", "pred_spcon")
+    dice_teacher = _predict_and_dice(prepared, "nnUNetTrainerSPCon", env, "checkpoint_teacher.pth", "pred_teacher")
+    assert dice_student > 0.15 and dice_teacher > 0.0, (dice_student, dice_teacher)
+
+
+def test_spcon_variant_cli_train_predict_evaluate(phantom_prepared):
+    prepared = phantom_prepared
+    env = cli_env(prepared["folders"], nnUNet_contrastive_epochs=3, nnUNet_contrastive_pretrain_epochs=1,
+                  nnUNet_contrastive_iterations=10, nnUNet_contrastive_val_iterations=1)
+    out = run_cli(["nnUNetv2_train", PHANTOM_ID, "2d", "0", "-tr", "nnUNetTrainerSPConHard", "-p", PLANS,
+                   "-device", "cpu"], env)
+    assert "hard weights" in out
+    ckpt = torch.load(os.path.join(_fold_dir(prepared, "nnUNetTrainerSPConHard"), "checkpoint_final.pth"),
+                      map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == "nnUNetTrainerSPConHard"
+    # hard weights are 0 or 1 per pair: their mean equals the fraction of non-zero weights
+    log = ckpt["logging"]
+    assert log["w_mean_partition"] == pytest.approx(log["w_nonzero_partition"])
+    dice = _predict_and_dice(prepared, "nnUNetTrainerSPConHard", env, "checkpoint_final.pth", "pred_hard")
+    assert dice > 0.05
+
+
+# ---------------------------------------------------------------------------------------------- in-process
+@pytest.fixture
+def in_process(phantom_prepared, monkeypatch, tmp_path):
+    for k, v in phantom_prepared["env"].items():
+        if k.startswith("nnUNet"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_contrastive_epochs", "4")
+    monkeypatch.setenv("nnUNet_contrastive_pretrain_epochs", "2")
+    monkeypatch.setenv("nnUNet_contrastive_iterations", "2")
+    monkeypatch.setenv("nnUNet_contrastive_val_iterations", "1")
+    return phantom_prepared
+
+
+def _trainer(prepared, cls_name="nnUNetTrainerSPCon"):
+    import nnunet_contrastive.trainers as T
+
+    plans = json.load(open(os.path.join(prepared["pre"], f"{PLANS}.json")))
+    plans["continue_training"] = False
+    dj = json.load(open(os.path.join(prepared["pre"], "dataset.json")))
+    return getattr(T, cls_name)(plans, "2d", 0, dj, device=torch.device("cpu"))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_restores_stage_gamma_teacher_head_and_optimizer(in_process):
+    a = _trainer(in_process)
+    a.save_every = 1
+    original = a.on_epoch_start
+
+    def stop_at_3():
+        if a.current_epoch == 3:
+            raise _Interrupt()
+        original()
+
+    a.on_epoch_start = stop_at_3
+    with pytest.raises(_Interrupt):
+        a.run_training()
+    latest = os.path.join(a.output_folder, "checkpoint_latest.pth")
+    assert os.path.isfile(latest)
+
+    b = _trainer(in_process)
+    b.load_checkpoint(latest)
+    assert b.current_epoch == a.current_epoch == 3
+    b.on_train_start()  # a resumed run must NOT re-sync the teacher from the student
+    for (ka, va), (kb, vb) in zip(a.teacher.state_dict().items(), b.teacher.state_dict().items()):
+        assert ka == kb
+        assert (va == vb) if not torch.is_tensor(va) else torch.equal(va, vb), ka
+    assert b.teacher.num_updates == a.teacher.num_updates > 0
+    for va, vb in zip(a.projection_head.state_dict().values(), b.projection_head.state_dict().values()):
+        assert torch.equal(va, vb)
+    assert b._gammas(4) == a._gammas(4)
+    assert b.active_meta_labels == a.active_meta_labels
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"])
+                                          for k in sa)
+    assert torch.equal(a._flip_generator.get_state(), b._flip_generator.get_state())
+    assert b.logger.local_logger.my_fantastic_logging["gamma_partition"] == \
+        a.logger.local_logger.my_fantastic_logging["gamma_partition"]
+    b._finish_loaders()
+    a._finish_loaders()
+
+
+def test_fresh_start_and_pretrained_weights_resync_the_teacher(in_process):
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    pre = _trainer(in_process, "nnUNetTrainerSPConPretrain")
+    assert pre.num_epochs == 2
+    pre.run_training()
+    ckpt = os.path.join(pre.output_folder, "checkpoint_final.pth")
+    assert not os.path.exists(os.path.join(pre.output_folder, "checkpoint_teacher.pth"))
+
+    # stage 2 from the pre-trained encoder: -pretrained_weights loads after initialize(); the teacher follows
+    semi = _trainer(in_process, "nnUNetTrainerSPConSemiOnly")
+    semi.initialize()
+    load_pretrained_weights(semi.network, ckpt, verbose=False)
+    semi.on_train_start()
+    for (k, t), s in zip(semi.teacher.module.state_dict().items(), semi.network.state_dict().values()):
+        assert torch.equal(t, s), k
+    semi._finish_loaders()
+
+    # the stock trainer accepts the pre-training checkpoint too
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    plans = json.load(open(os.path.join(in_process["pre"], f"{PLANS}.json")))
+    plans["continue_training"] = False
+    stock = nnUNetTrainer(plans, "2d", 0, json.load(open(os.path.join(in_process["pre"], "dataset.json"))),
+                          device=torch.device("cpu"))
+    stock.initialize()
+    load_pretrained_weights(stock.network, ckpt, verbose=False)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["network_weights"]
+    enc = {k: v for k, v in stock.network.state_dict().items() if k.startswith("encoder.")}
+    assert enc and all(torch.equal(v, saved[k]) for k, v in enc.items())
+
+
+def test_missing_required_meta_label_stops_with_a_clear_error(in_process):
+    from nnunet_contrastive.trainers.spcon import MetaLabelError
+
+    phase = _trainer(in_process, "nnUNetTrainerSPConPhase")
+    with pytest.raises(MetaLabelError, match=r"phase.*Dataset991_E2E"):
+        phase.resolve_meta_labels(["partition", "patient"])
+    spcon = _trainer(in_process)
+    assert spcon.resolve_meta_labels(["partition", "patient"]) == ["partition", "patient"]
+    assert _trainer(in_process, "nnUNetTrainerSPConPatient").resolve_meta_labels(["partition", "patient"]) == \
+        ["patient"]
+
+
+def test_spcon_steps_never_read_unlabeled_labels(in_process, tmp_path, monkeypatch):
+    """Stage 1 reads no label at all; stage 2 only those of labeled cases: hide the others and train."""
+    monkeypatch.setenv("nnUNet_contrastive_pretrain_epochs", "1")
+    t = _trainer(in_process)
+    t.initialize()
+    t.do_split()
+    hidden = []
+    data_dir = t.preprocessed_dataset_folder
+    for case in t.unlabeled_keys + t.labeled_keys:
+        src = os.path.join(data_dir, f"{case}_seg.b2nd")
+        dst = os.path.join(str(tmp_path), os.path.basename(src))
+        shutil.move(src, dst)
+        hidden.append((src, dst))
+    try:
+        t.on_train_start()
+        t.current_epoch = 0
+        for _ in range(2):  # stage 1: no label file exists at all
+            out = t.train_step(next(t.dataloader_train))
+            assert np.isfinite(out["loss"])
+        for src, dst in hidden:  # stage 2 may read labeled cases' labels, never the unlabeled ones
+            if os.path.basename(src)[: -len("_seg.b2nd")] in t.labeled_keys:
+                shutil.move(dst, src)
+        t.current_epoch = 1
+        t.on_epoch_start()
+        for _ in range(2):
+            batch = next(t.dataloader_train)
+            assert set(batch["keys"][np.asarray(batch["labeled"])]) <= set(t.labeled_keys)
+            out = t.train_step(batch)
+            assert np.isfinite(out["loss"])
+        t._finish_loaders()
+    finally:
+        for src, dst in hidden:
+            if os.path.exists(dst):
+                shutil.move(dst, src)
