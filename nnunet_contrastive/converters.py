@@ -11,7 +11,7 @@
 Both work in two steps: `plan_*` reads the source and collects every problem it can find without writing anything
 (`ConversionError` lists them all), then `write_dataset` writes into a temporary sibling folder that is renamed to
 `nnUNet_raw/DatasetXXX_NAME` only when everything succeeded, so a failed conversion leaves nothing half-written.
-Image files are hard-linked when possible (same file system), copied otherwise; multi-modal 4D images are split into
+Image files are copied by default (`link=True` hard-links them when on the same file system: saves space, but an in-place edit of the raw dataset then changes the source); multi-modal 4D images are split into
 one file per channel (`_0000`, `_0001`, ...) with SimpleITK, keeping the 3D geometry.
 """
 from __future__ import annotations
@@ -169,7 +169,7 @@ def _split_channels(src: str, dsts: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------------ writing
 def write_dataset(plan: ConversionPlan, raw_root: str, dataset_id: int, name: str, overwrite: bool = False,
-                  link: bool = True, log=None) -> ConversionResult:
+                  link: bool = False, log=None) -> ConversionResult:
     """Write a plan as `raw_root/DatasetXXX_NAME` (atomically: temporary folder, renamed at the end)."""
     target = validate_target(raw_root, dataset_id, name, overwrite)
     os.makedirs(raw_root, exist_ok=True)
@@ -344,7 +344,7 @@ def plan_msd(src: str) -> ConversionPlan:
 
 
 def convert_msd(src: str, dataset_id: int, name: str | None = None, raw_root: str | None = None,
-                overwrite: bool = False, link: bool = True, log=None) -> ConversionResult:
+                overwrite: bool = False, link: bool = False, log=None) -> ConversionResult:
     """MSD task folder -> `nnUNet_raw/DatasetXXX_NAME` (NAME defaults to the folder name without `TaskNN_`)."""
     name = name or default_msd_name(src)
     raw_root = raw_root if raw_root is not None else os.environ.get("nnUNet_raw", "")
@@ -476,7 +476,7 @@ def plan_acdc(src: str) -> ConversionPlan:
 
 
 def convert_acdc(src: str, dataset_id: int, name: str = "ACDC", raw_root: str | None = None,
-                 overwrite: bool = False, link: bool = True, log=None) -> ConversionResult:
+                 overwrite: bool = False, link: bool = False, log=None) -> ConversionResult:
     """ACDC folder -> `nnUNet_raw/DatasetXXX_NAME` (ED and ES frames; frames without gt go to imagesUnlabeled/)."""
     raw_root = raw_root if raw_root is not None else os.environ.get("nnUNet_raw", "")
     validate_target(raw_root, dataset_id, name or "ACDC", overwrite)

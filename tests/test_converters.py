@@ -142,13 +142,13 @@ def test_convert_msd_tiny_multimodal_splits_channels(tmp_path, nnunet_env, capsy
 
 def test_convert_msd_name_copy_and_overwrite(tmp_path, nnunet_env, capsys):
     src, _ = _tiny_msd(str(tmp_path), n_test=0, channels=("CT",), junk=False)
-    args = ["convert-msd", src, "-d", "7", "--name", "Mini", "--copy"]
+    args = ["convert-msd", src, "-d", "7", "--name", "Mini"]
     rc, _, err = _run(args, capsys)
     assert rc == 0, err
     target = os.path.join(nnunet_env["nnUNet_raw"], "Dataset007_Mini")
     a = os.path.join(src, "imagesTr", "prostate_00.nii.gz")
     b = os.path.join(target, "imagesTr", "prostate_00_0000.nii.gz")
-    assert os.stat(a).st_ino != os.stat(b).st_ino  # --copy: a copy, not a hard link
+    assert os.stat(a).st_ino != os.stat(b).st_ino  # default: a copy, never a hard link into the source
     # the target exists: refused, with the way out named
     rc, _, err = _run(args, capsys)
     assert rc == 2 and "Dataset007_Mini already exists" in err and "--overwrite" in err
@@ -157,6 +157,10 @@ def test_convert_msd_name_copy_and_overwrite(tmp_path, nnunet_env, capsys):
     rc, _, err = _run(args + ["--overwrite"], capsys)
     assert rc == 0, err
     assert not os.path.exists(os.path.join(target, "stale.txt"))
+    # --link: a hard link to the source (same file system here)
+    rc, _, err = _run(args + ["--overwrite", "--link"], capsys)
+    assert rc == 0, err
+    assert os.stat(a).st_ino == os.stat(b).st_ino
     # another dataset already has this id
     rc, _, err = _run(["convert-msd", src, "-d", "7", "--name", "Other"], capsys)
     assert rc == 2 and "id 7 is already used" in err and "Dataset007_Mini" in err

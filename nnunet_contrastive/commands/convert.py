@@ -9,7 +9,7 @@ def register(sub) -> None:
         "convert-msd", help="convert a Medical Segmentation Decathlon task folder to nnU-Net v2 raw format",
         description="Convert an MSD task folder (imagesTr/, labelsTr/, optional imagesTs/, dataset.json with "
                     "'modality' and 'labels'; one file per case) to $nnUNet_raw/DatasetXXX_NAME: images as "
-                    "<case>_0000.nii.gz (hard-linked when possible, else copied; multi-modal 4D images are split into "
+                    "<case>_0000.nii.gz (copied, or hard-linked with --link; multi-modal 4D images are split into "
                     "_0000, _0001, ...), labels, a v2 dataset.json and metadata.csv. MSD has one volume per subject, "
                     "so metadata.csv has patient = case id. Hidden and macOS '._*' files are skipped.")
     p.add_argument("src", metavar="SRC", help="MSD task folder, e.g. Task04_Hippocampus")
@@ -33,7 +33,9 @@ def _common(p, name_help: str) -> None:
     p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999) for DatasetXXX")
     p.add_argument("--name", default=None, help=name_help)
     p.add_argument("--overwrite", action="store_true", help="replace an existing DatasetXXX_NAME folder")
-    p.add_argument("--copy", action="store_true", help="always copy files (default: hard-link when possible)")
+    p.add_argument("--link", action="store_true",
+                   help="hard-link files instead of copying them (saves space; an in-place edit of the raw dataset "
+                        "then also changes the source files)")
 
 
 def run_msd(args) -> int:
@@ -56,7 +58,7 @@ def _run(convert, args, name) -> int:
 
     try:
         res = convert(args.src, args.dataset_id, name, raw_root=os.environ.get("nnUNet_raw", ""),
-                      overwrite=args.overwrite, link=not args.copy, log=print)
+                      overwrite=args.overwrite, link=args.link, log=print)
     except (ConversionError, MetadataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
