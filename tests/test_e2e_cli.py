@@ -50,6 +50,9 @@ def test_train_predict_evaluate_with_nnunet_cli(phantom_prepared):
     assert json.load(open(os.path.join(fold_dir, "labeled_subset.json")))["labeled"] == ckpt["nnunet_contrastive"][
         "labeled_keys"]
     assert not any(f.endswith(".tmp") for f in os.listdir(fold_dir))
+    # the model records the metadata it was trained with, next to nnU-Net's dataset.json and plans.json
+    assert open(os.path.join(os.path.dirname(fold_dir), "metadata.csv")).read() == \
+        open(os.path.join(prepared["raw"], "metadata.csv")).read()
 
     pred = os.path.join(str(prepared["folders"]["nnUNet_results"]), "pred")
     _run(["nnUNetv2_predict", "-i", os.path.join(prepared["raw"], "imagesTs"), "-o", pred, "-d", DATASET,

@@ -21,6 +21,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
 
 from nnunet_contrastive.labeled import SPLITS_FILENAME, labeled_and_unlabeled, read_splits
+from nnunet_contrastive.metadata import copy_metadata
 
 CHECKPOINT_KEY = "nnunet_contrastive"
 SCHEDULE_ENV = {
@@ -89,6 +90,13 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainer):
         if self.schedule_overrides:
             self.print_to_log_file(f"Schedule overridden by environment: {self.schedule_overrides}")
         super().on_train_start()
+        if self.local_rank == 0:  # the model records the meta-labels it was trained with (beside dataset.json)
+            raw = os.environ.get("nnUNet_raw")
+            sources = [self.preprocessed_dataset_folder_base] + (
+                [os.path.join(raw, self.plans_manager.dataset_name)] if raw else [])
+            for folder in sources:
+                if copy_metadata(folder, self.output_folder_base):
+                    break
 
     # ------------------------------------------------------------------ checkpoints
     def extra_checkpoint_state(self) -> dict:

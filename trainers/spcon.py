@@ -228,12 +228,13 @@ class nnUNetTrainerSPCon(nnUNetTrainerContrastiveBase):
         out = supcon_loss(z1, z2, labels, temperature=self.temperature, gamma=gammas, weighting=self.weighting,
                           label_weights=[self.meta_label_weights.get(m, 1.0) for m in self.active_meta_labels]
                           or None, validate=False)
-        stats = {"sp_loss": float(out.loss.detach())}
+        # detached tensors: converted once per epoch (on_train_epoch_end), no device sync per iteration
+        stats = {"sp_loss": out.loss.detach()}
         for k, m in enumerate(self.active_meta_labels):
-            stats[f"sp_loss_{m}"] = float(out.per_label_loss[k].detach())
+            stats[f"sp_loss_{m}"] = out.per_label_loss[k].detach()
             stats[f"gamma_{m}"] = gammas[k]
-            stats[f"w_mean_{m}"] = float(out.mean_weight[k])
-            stats[f"w_nonzero_{m}"] = float(out.frac_nonzero_weight[k])
+            stats[f"w_mean_{m}"] = out.mean_weight[k]
+            stats[f"w_nonzero_{m}"] = out.frac_nonzero_weight[k]
         return out.loss, stats
 
     def _trainable_parameters(self):
@@ -314,14 +315,14 @@ class nnUNetTrainerSPCon(nnUNetTrainerContrastiveBase):
                 out_list = [output]
                 sup = self.loss(output[lab_rows], target[lab_rows])
             loss = sup
-            stats["sup_loss"] = float(sup.detach())
+            stats["sup_loss"] = sup.detach()
             if len(unl_rows) > 0 and self.lambda_reg > 0:
                 t_out = self.teacher(x2[unl_rows])
                 t_out = t_out[0] if isinstance(t_out, (list, tuple)) else t_out
                 mt = mean_teacher_consistency(out_list[0][unl_rows], t_out)
                 w_mt = self.lambda_reg * sigmoid_rampup(local, self.mt_rampup_fraction * length)
                 loss = loss + w_mt * mt
-                stats.update(mt_loss=float(mt.detach()), mt_weight=w_mt)
+                stats.update(mt_loss=mt.detach(), mt_weight=w_mt)
             if len(unl_rows) > 1 and self.lambda_sp > 0:
                 z1 = self.projection_head(skips[-1][unl_rows])
                 z2 = self.projection_head(encode(net, x2[unl_rows]))
@@ -337,7 +338,8 @@ class nnUNetTrainerSPCon(nnUNetTrainerContrastiveBase):
         super().on_train_epoch_end(train_outputs)
         log = self.logger.local_logger.my_fantastic_logging
         stage = float(stage_of(self.current_epoch, self.pretrain_epochs))
-        values = {k: float(np.mean(v)) for k, v in self._epoch_means.items()}
+        values = {k: float(torch.stack(v).float().mean()) if all(torch.is_tensor(x) for x in v)
+                  else float(np.mean(v)) for k, v in self._epoch_means.items()}  # one device sync per key
         values["stage"] = stage
         parts = []
         for key in log:
@@ -381,7 +383,7 @@ class nnUNetTrainerSPCon(nnUNetTrainerContrastiveBase):
         self.projection_head.load_state_dict(state["projection_head"])
         self.teacher.load_state_dict(state["teacher"])
         if "flip_generator" in state:
-            self._flip_generator.set_state(state["flip_generator"])
+            self._flip_generator.set_state(state["flip_generator"].cpu())  # loaded with map_location=device
         self._loaded_checkpoint = True
 
     def on_train_end(self):
