@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 
-DEFAULT_TRAINERS = ["nnUNetTrainerFewLabels"]
+DEFAULT_TRAINERS = ["nnUNetTrainerFewLabels", "nnUNetTrainerSPCon"]
 DATASET_ID = 990
 
 
@@ -28,9 +28,13 @@ def register(sub) -> None:
     p.add_argument("--trainers", nargs="+", default=None, help=f"trainers to run (default {DEFAULT_TRAINERS})")
     p.add_argument("--patients", type=int, default=8, help="training patients (2 cases each; default 8)")
     p.add_argument("--test-patients", type=int, default=3, help="held-out test patients (default 3)")
-    p.add_argument("--num-labeled", default="2", help="labeled training patients of fold 0, or 'all' (default 2)")
-    p.add_argument("--epochs", type=int, default=8, help="epochs per trainer (default 8)")
-    p.add_argument("--iterations", type=int, default=25, help="iterations per epoch (default 25)")
+    p.add_argument("--num-labeled", default="1", help="labeled training patients of fold 0, or 'all' (default 1)")
+    p.add_argument("--epochs", type=int, default=6,
+                   help="epochs per trainer, pre-training included: every trainer gets the same budget (default 6)")
+    p.add_argument("--pretrain-epochs", type=int, default=2,
+                   help="of --epochs, contrastive pre-training epochs of two-stage trainers (default 2)")
+    p.add_argument("--iterations", type=int, default=20, help="iterations per epoch (default 20)")
+    p.add_argument("--size", type=int, default=48, help="in-plane size of the phantoms in pixels (default 48)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantoms and the labeled subset")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="training/inference device")
     p.add_argument("--fresh", action="store_true", help="delete --workdir first (otherwise finished steps are reused)")
@@ -58,7 +62,8 @@ def run(args) -> int:
     os.environ.update(folders)  # for the in-process steps (plans override, select-labeled)
     env = pipeline.small_machine_env(
         **folders, nnUNet_contrastive_epochs=args.epochs, nnUNet_contrastive_iterations=args.iterations,
-        nnUNet_contrastive_val_iterations=max(1, args.iterations // 5))
+        nnUNet_contrastive_val_iterations=max(1, args.iterations // 5),
+        nnUNet_contrastive_pretrain_epochs=min(args.pretrain_epochs, args.epochs))
 
     def step(msg):
         print(f"\n[demo {time.time() - t_start:6.0f} s] {msg}", flush=True)
@@ -69,7 +74,7 @@ def run(args) -> int:
     if not os.path.isfile(os.path.join(raw, "dataset.json")):
         step(f"1/5 writing {args.patients} + {args.test_patients} phantom patients (ED + ES each) to {raw}")
         generate_phantom_dataset(folders["nnUNet_raw"], DATASET_ID, name, num_train_patients=args.patients,
-                                 num_test_patients=args.test_patients, seed=args.seed)
+                                 num_test_patients=args.test_patients, size=args.size, seed=args.seed)
     else:
         step(f"1/5 reusing phantoms in {raw}")
     if not os.path.isfile(os.path.join(pre, "nnUNetPlans.json")) or not os.path.isdir(
@@ -92,6 +97,8 @@ def run(args) -> int:
         t0 = time.time()
         step(f"4/5 nnUNetv2_train {DATASET_ID} 2d 0 -tr {tr} -p {plans} ({args.epochs} epochs x "
              f"{args.iterations} iterations, device {device})")
+        shutil.rmtree(os.path.join(folders["nnUNet_results"], f"Dataset{DATASET_ID:03d}_{name}",
+                                   f"{tr}__{plans}__2d", "fold_0"), ignore_errors=True)  # a fresh run each time
         pipeline.train(DATASET_ID, tr, plans, 0, env, device=device)
         out = os.path.join(workdir, "predictions", tr)
         shutil.rmtree(out, ignore_errors=True)
@@ -104,7 +111,9 @@ def run(args) -> int:
     table = format_table(rows, [k for k, v in labels.items() if v != 0])
     step("done")
     print(f"\nHeld-out Dice ({args.test_patients * 2} phantom cases; {args.num_labeled} labeled patient(s), "
-          f"{args.epochs}x{args.iterations} iterations, device {device}) — a smoke test, not a benchmark:\n")
+          f"{args.epochs}x{args.iterations} iterations per trainer, of which {min(args.pretrain_epochs, args.epochs)}"
+          f"x{args.iterations} contrastive pre-training for two-stage trainers; device {device}) — a smoke test on "
+          f"synthetic shapes, not a benchmark:\n")
     print(table)
     print(f"\nTotal wall time {time.time() - t_start:.0f} s. Results: {folders['nnUNet_results']}")
     sys.stdout.flush()
