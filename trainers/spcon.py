@@ -166,7 +166,12 @@ class nnUNetTrainerSPCon(nnUNetTrainerContrastiveBase):
         self._loader_stage = stage
         k = self.num_partitions
         if stage == 1:
-            n = max(2 * k, (self.batch_size // k) * k)
+            # m volumes x K partitions; m <= the number of training volumes (distinct volumes per batch)
+            n_volumes = len(self.labeled_keys) + len(self.unlabeled_keys)
+            unl_folder = self.preprocessed_dataset_folder + "_unlabeled"
+            if os.path.isdir(unl_folder):
+                n_volumes += sum(f.endswith(".pkl") for f in os.listdir(unl_folder))
+            n = k * max(1, min(max(2, self.batch_size // k), n_volumes))
             return build_semi_dataloaders(
                 self, sampling="partition", num_labeled=0, num_unlabeled=n, num_partitions=k, two_views=True,
                 share_spatial=False, unlabeled_keys=list(self.labeled_keys) + list(self.unlabeled_keys))
