@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = [
     "nnunet_contrastive.commands.convert",
     "nnunet_contrastive.commands.check",
     "nnunet_contrastive.commands.preprocess_unlabeled",
+    "nnunet_contrastive.commands.benchmark",
 ]
 
 

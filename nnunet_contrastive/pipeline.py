@@ -55,8 +55,11 @@ def console_script(name: str) -> str:
     return found
 
 
-def run_command(args: list[str], env: dict, log=print, capture: bool = False) -> str:
-    """Run one command, streaming its output (or capturing it); raise CommandFailed with its tail on failure."""
+def run_command(args: list[str], env: dict, log=print, capture: bool = False, output_file: str | None = None) -> str:
+    """Run one command, streaming its output (or capturing it); raise CommandFailed with its tail on failure.
+
+    `output_file`: append the command's output to this file instead of the console (the command line is still
+    logged with `log`)."""
     exe = console_script(args[0]) if os.sep not in args[0] else args[0]
     log(f"$ {' '.join([os.path.basename(exe)] + [str(a) for a in args[1:]])}")
     t0 = time.time()
@@ -64,11 +67,21 @@ def run_command(args: list[str], env: dict, log=print, capture: bool = False) ->
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        if not capture:
-            sys.stdout.write("    " + line)
-            sys.stdout.flush()
+    out_f = open(output_file, "a", encoding="utf-8") if output_file else None
+    try:
+        if out_f is not None:
+            out_f.write(f"$ {' '.join([exe] + [str(a) for a in args[1:]])}\n")
+        for line in proc.stdout:
+            lines.append(line)
+            if out_f is not None:
+                out_f.write(line)
+                out_f.flush()
+            elif not capture:
+                sys.stdout.write("    " + line)
+                sys.stdout.flush()
+    finally:
+        if out_f is not None:
+            out_f.close()
     rc = proc.wait()
     if rc != 0:
         tail = "".join(lines[-40:])
@@ -77,32 +90,35 @@ def run_command(args: list[str], env: dict, log=print, capture: bool = False) ->
     return "".join(lines)
 
 
-def plan_and_preprocess(dataset_id: int, env: dict, configurations=("2d",), log=print) -> None:
+def plan_and_preprocess(dataset_id: int, env: dict, configurations=("2d",), log=print,
+                        output_file: str | None = None) -> None:
     # nnU-Net 2.8.1's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0
     env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
     run_command(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "2",
-                 "-npfp", "2", "--verify_dataset_integrity"], env, log)
+                 "-npfp", "2", "--verify_dataset_integrity"], env, log, output_file=output_file)
 
 
 def train(dataset_id: int, trainer: str, plans: str, fold: int | str, env: dict, device: str = "cpu",
-          configuration: str = "2d", extra: list[str] = (), log=print) -> None:
+          configuration: str = "2d", extra: list[str] = (), log=print, output_file: str | None = None) -> None:
     run_command(["nnUNetv2_train", str(dataset_id), configuration, str(fold), "-tr", trainer, "-p", plans,
-                 "-device", device, *extra], env, log)
+                 "-device", device, *extra], env, log, output_file=output_file)
 
 
 def predict(dataset_id: int, trainer: str, plans: str, fold: int | str, input_folder: str, output_folder: str,
             env: dict, device: str = "cpu", configuration: str = "2d", checkpoint: str = "checkpoint_final.pth",
-            log=print) -> None:
+            log=print, extra: list[str] = (), output_file: str | None = None) -> None:
     run_command(["nnUNetv2_predict", "-i", input_folder, "-o", output_folder, "-d", str(dataset_id), "-c",
                  configuration, "-tr", trainer, "-p", plans, "-f", str(fold), "-chk", checkpoint, "-npp", "0",
-                 "-nps", "0", "-device", device, "--disable_progress_bar"], env, log)
+                 "-nps", "0", "-device", device, "--disable_progress_bar", *extra], env, log,
+                output_file=output_file)
 
 
-def evaluate(gt_folder: str, pred_folder: str, dataset_json: str, plans_json: str, env: dict, log=print) -> dict:
+def evaluate(gt_folder: str, pred_folder: str, dataset_json: str, plans_json: str, env: dict, log=print,
+             output_file: str | None = None) -> dict:
     """nnUNetv2_evaluate_folder; returns its summary.json as a dict."""
     out = os.path.join(pred_folder, "summary.json")
     run_command(["nnUNetv2_evaluate_folder", gt_folder, pred_folder, "-djfile", dataset_json, "-pfile", plans_json,
-                 "-o", out, "-np", "2"], env, log)
+                 "-o", out, "-np", "2"], env, log, output_file=output_file)
     with open(out, encoding="utf-8") as f:
         return json.load(f)
 

@@ -1,0 +1,196 @@
+"""Tables and plot of `nnunet-contrastive benchmark`: pure arithmetic on the per-run results, Markdown, PNG.
+
+Definitions (every number of the label-efficiency table comes from these functions; tested against hand-computed
+values in tests/test_benchmark.py):
+
+- mean ± std over seeds: arithmetic mean and SAMPLE standard deviation (ddof = 1); the std is None (not shown)
+  with a single seed.
+- gain over the baseline (nnUNetTrainerFewLabels) at the same N: mean over the seeds both have of
+  (trainer's mean Dice − baseline's mean Dice) for that seed (paired by seed), ± the sample std of those differences.
+- fraction of the gap closed: (ours − few) / (full − few) with ours and few the seed-mean mean Dice of the trainer
+  and of the baseline at the same N, and full the seed-mean mean Dice of the baseline with every training case
+  labeled (N = "all"). None when full − few <= 0 (no gap to close), at N = "all" itself, or when a number is missing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+ALL = "all"
+
+
+# ------------------------------------------------------------------------------------------------ arithmetic
+def mean_std(values: Iterable[float]) -> tuple[float | None, float | None]:
+    """(mean, sample std with ddof=1); std None for fewer than 2 values, both None for none."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    return mean, math.sqrt(var)
+
+
+def gap_closed(ours: float | None, few: float | None, full: float | None) -> float | None:
+    """(ours − few) / (full − few); None when a value is missing or the gap full − few is not positive."""
+    if ours is None or few is None or full is None:
+        return None
+    gap = full - few
+    if not gap > 1e-12:
+        return None
+    return (ours - few) / gap
+
+
+def paired_gain(ours_by_seed: dict, base_by_seed: dict) -> tuple[float | None, float | None, list]:
+    """Mean ± sample std over the common seeds of ours[seed] − base[seed]; also returns the seeds used."""
+    seeds = sorted(set(ours_by_seed) & set(base_by_seed))
+    mean, std = mean_std(ours_by_seed[s] - base_by_seed[s] for s in seeds)
+    return mean, std, seeds
+
+
+def n_sort_key(n) -> tuple:
+    """Numbers ascending, then 'all'."""
+    return (1, 0) if n == ALL else (0, int(n))
+
+
+def summarize(results: Sequence[dict], trainers: Sequence[str], num_labeled: Sequence, classes: Sequence[str],
+              baseline: str) -> list[dict]:
+    """One row per (N, trainer) from per-run results ({'trainer', 'num_labeled', 'seed', 'dice': {class: v,
+    'mean': v}}). Rows of missing runs have n_seeds 0 and None values."""
+    by = {}
+    for r in results:
+        by.setdefault((r["trainer"], r["num_labeled"]), {})[r["seed"]] = r["dice"]
+
+    def seed_means(trainer, n):
+        return {s: d["mean"] for s, d in by.get((trainer, n), {}).items()}
+
+    full = mean_std(seed_means(baseline, ALL).values())[0]
+    rows = []
+    for n in sorted(num_labeled, key=n_sort_key):
+        few_by_seed = seed_means(baseline, n)
+        few = mean_std(few_by_seed.values())[0]
+        for tr in trainers:
+            runs = by.get((tr, n), {})
+            row = {"trainer": tr, "num_labeled": n, "seeds": sorted(runs), "n_seeds": len(runs), "dice": {}}
+            for c in list(classes) + ["mean"]:
+                m, s = mean_std(runs[seed][c] for seed in sorted(runs))
+                row["dice"][c] = {"mean": m, "std": s}
+            ours_by_seed = seed_means(tr, n)
+            if tr == baseline:
+                row["gain"] = {"mean": None, "std": None, "seeds": []}
+                row["gap_closed"] = None
+            else:
+                g, gs, seeds = paired_gain(ours_by_seed, few_by_seed)
+                row["gain"] = {"mean": g, "std": gs, "seeds": seeds}
+                row["gap_closed"] = None if n == ALL else gap_closed(row["dice"]["mean"]["mean"], few, full)
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+def fmt(mean: float | None, std: float | None = None, digits: int = 3, signed: bool = False) -> str:
+    if mean is None:
+        return "—"
+    s = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return s if std is None else f"{s} ± {std:.{digits}f}"
+
+
+def n_label(n, num_train: int) -> str:
+    return f"all ({num_train})" if n == ALL else str(n)
+
+
+def label_efficiency_markdown(rows: Sequence[dict], classes: Sequence[str], baseline: str, num_train: int) -> str:
+    head = (["N labeled", "trainer", "seeds"] + [f"Dice {c}" for c in classes]
+            + ["mean Dice", f"gain vs {baseline}", "gap closed"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        d = r["dice"]
+        if r["trainer"] == baseline:
+            gain, gap = "(reference)", "—"
+        else:
+            gain = fmt(r["gain"]["mean"], r["gain"]["std"], signed=True)
+            gap = "—" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"
+        cells = ([n_label(r["num_labeled"], num_train), r["trainer"], str(r["n_seeds"])]
+                 + [fmt(d[c]["mean"], d[c]["std"]) for c in classes]
+                 + [fmt(d["mean"]["mean"], d["mean"]["std"]), gain, gap])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cost_markdown(cost_rows: Sequence[dict], reference: str = "nnUNetTrainer") -> str:
+    head = ["trainer", "stage", "s/it (load + step)", "× stock", "step only (s)", "peak RSS (MiB)", "× stock",
+            "timed its"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in cost_rows:
+        stage = "—" if r.get("stage") is None else str(r["stage"])
+        name = r["trainer"] + (" (reference)" if r["trainer"] == reference and r.get("stage") is None else "")
+        cells = [name, stage, f"{r['s_per_it']:.3f}", f"{r['s_per_it_ratio']:.2f}", f"{r['step_s']:.3f}",
+                 f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_ratio']:.2f}", str(r["timed_iterations"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def loss_markdown(loss_rows: Sequence[dict], step_label: str) -> str:
+    head = ["2N embeddings", "supcon_loss fwd+bwd (ms)", "per_label_loop_supcon (ms)", "speed-up",
+            f"supcon_loss / {step_label}", f"reference / {step_label}", "max |diff|"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in loss_rows:
+        frac = r.get("fraction_of_step")
+        frac_ref = r.get("reference_fraction_of_step")
+        cells = [str(r["two_n"]) + (" (training batch)" if r.get("training_batch") else ""),
+                 f"{r['supcon_ms']:.2f}", f"{r['reference_ms']:.2f}", f"{r['reference_ms'] / r['supcon_ms']:.1f}×",
+                 "—" if frac is None else f"{frac:.1%}", "—" if frac_ref is None else f"{frac_ref:.1%}",
+                 f"{r['max_abs_diff']:.1e}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ plot
+def plot_dice_vs_labeled(rows: Sequence[dict], trainers: Sequence[str], baseline: str, num_train: int, path: str,
+                         title: str) -> str | None:
+    """Mean Dice vs number of labeled volumes, one line per trainer (error bars = std over seeds when > 1 seed);
+    the baseline with every case labeled (upper bound) as a dashed horizontal line. Returns the path, or None when
+    there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    numeric = sorted({r["num_labeled"] for r in rows if r["num_labeled"] != ALL}, key=int)
+    if not any(r["dice"]["mean"]["mean"] is not None for r in rows):
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
+    markers = "osD^v<>p*h"
+    for i, tr in enumerate(trainers):
+        pts = [(int(r["num_labeled"]), r["dice"]["mean"]["mean"], r["dice"]["mean"]["std"]) for r in rows
+               if r["trainer"] == tr and r["num_labeled"] != ALL and r["dice"]["mean"]["mean"] is not None]
+        color = f"C{i}"
+        if pts:
+            xs, ys, es = zip(*pts)
+            yerr = [e or 0.0 for e in es] if any(e is not None for e in es) else None
+            ax.errorbar(xs, ys, yerr=yerr, marker=markers[i % len(markers)], capsize=3, color=color, label=tr)
+        if tr != baseline:
+            full_other = [r for r in rows if r["trainer"] == tr and r["num_labeled"] == ALL
+                          and r["dice"]["mean"]["mean"] is not None]
+            if full_other:
+                ax.axhline(full_other[0]["dice"]["mean"]["mean"], ls=":", lw=1, color=color,
+                           label=f"{tr}, all {num_train} labeled")
+    full = [r for r in rows if r["trainer"] == baseline and r["num_labeled"] == ALL
+            and r["dice"]["mean"]["mean"] is not None]
+    if full:
+        ax.axhline(full[0]["dice"]["mean"]["mean"], ls="--", color="k",
+                   label=f"{baseline}, all {num_train} labeled (upper bound)")
+    if numeric:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([int(n) for n in numeric])
+        ax.set_xticklabels([str(n) for n in numeric])
+    ax.set_xlabel("labeled training volumes (N)")
+    ax.set_ylabel("mean foreground Dice, held-out test set")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,121 @@
+"""`nnunet-contrastive benchmark`: label efficiency and cost on MSD hippocampus (nnunet_contrastive.benchmark)."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+
+def register(sub) -> None:
+    from nnunet_contrastive.benchmark import BASELINE, DEFAULT_TRAINERS, FULL, QUICK
+
+    p = sub.add_parser(
+        "benchmark", help="label-efficiency and cost benchmark on MSD hippocampus (unattended; ~45 min on 2 cores)",
+        description="Convert Task04_Hippocampus (convert-msd), hold out a fixed test set (moved to imagesTs/labelsTs "
+                    "before nnUNetv2_plan_and_preprocess), then for each number of labeled volumes N, seed and trainer "
+                    "train with nnUNetv2_train under the same budget (cpu_small plans, same total iterations; the "
+                    "pre-training of two-stage trainers counts), predict the test set with nnUNetv2_predict and "
+                    "score it with nnUNetv2_evaluate_folder. Also measures seconds per iteration and peak memory of "
+                    "each trainer against stock nnUNetTrainer, and the contrastive loss alone. Writes results.md, "
+                    "results.json and dice_vs_labeled.png. Re-running the same command resumes: finished runs are "
+                    "skipped.",
+        epilog=f"Defaults (full / --quick): epochs {FULL['epochs']} / {QUICK['epochs']}, iterations "
+               f"{FULL['iterations']} / {QUICK['iterations']}, pretrain epochs {FULL['pretrain_epochs']} / "
+               f"{QUICK['pretrain_epochs']}, N {' '.join(FULL['num_labeled'])} / {' '.join(QUICK['num_labeled'])}, "
+               f"test cases {FULL['test_cases']} / {QUICK['test_cases']}, training pool all remaining / "
+               f"{QUICK['pool_size']}.")
+    p.add_argument("--data", default=None,
+                   help="MSD Task04_Hippocampus folder (default <repository>/../shared/data/Task04_Hippocampus)")
+    p.add_argument("--workdir", default=None,
+                   help=f"work folder: nnU-Net folders, runs, cost (default ./{FULL['workdir']}, "
+                        f"--quick ./{QUICK['workdir']})")
+    p.add_argument("--out", default=None, help="report folder (default <workdir>/report)")
+    p.add_argument("--trainers", nargs="+", default=None,
+                   help=f"trainers to compare (default {' '.join(DEFAULT_TRAINERS)}); {BASELINE} is always added as "
+                        f"the reference, e.g. --trainers nnUNetTrainerSPCon nnUNetTrainerMeanTeacher "
+                        f"nnUNetTrainerUnsupCon")
+    p.add_argument("--num-labeled", nargs="+", default=None,
+                   help="numbers of labeled training volumes and/or 'all' (default 1 2 4 all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="seeds of the labeled subsets (default 0; e.g. 0 1 2 for a report)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run, pre-training included")
+    p.add_argument("--iterations", type=int, default=None, help="training iterations per epoch")
+    p.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch")
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="of --epochs, contrastive pre-training epochs of two-stage trainers (nnUNetTrainerSPCon, "
+                        "nnUNetTrainerUnsupCon, ...)")
+    p.add_argument("--disable-tta", action="store_true", default=None,
+                   help="predict without test-time mirroring (faster; always on with --quick)")
+    p.add_argument("--test-cases", type=int, default=None, help="held-out test volumes")
+    p.add_argument("--val-cases", type=int, default=None, help="validation volumes of the training pool")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the test / validation draw (default 0)")
+    p.add_argument("--cost-iterations", type=int, default=None, help="timed iterations per trainer and stage")
+    p.add_argument("--cost-warmup", type=int, default=None, help="warm-up iterations before timing")
+    p.add_argument("--loss-sizes", nargs="*", type=int, default=None,
+                   help="2N values for the loss timing (default 64 128 256 512)")
+    p.add_argument("--skip-cost", action="store_true", help="no cost measurements")
+    p.add_argument("--skip-label-efficiency", action="store_true", help="cost measurements only")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="training/inference device (default cpu)")
+    p.add_argument("--quick", action="store_true",
+                   help="exercise the whole path in CI time (12 training volumes, a few iterations, N 1 and all); "
+                        "its numbers mean nothing")
+    p.add_argument("--fresh", action="store_true", help="delete --workdir first (only a benchmark work folder)")
+    p.set_defaults(func=run)
+
+
+def build_config(args):
+    from nnunet_contrastive.benchmark import (FULL, QUICK, SETUP_FILE, BenchmarkError, Budget, Config, command_line,
+                                              default_data_dir, parse_num_labeled)
+
+    preset = QUICK if args.quick else FULL
+
+    def pick(name):
+        value = getattr(args, name)
+        return preset[name] if value is None else value
+
+    workdir = os.path.abspath(pick("workdir"))
+    for name in ("test_cases", "val_cases", "cost_iterations"):
+        if pick(name) < 1:
+            raise BenchmarkError(f"--{name.replace('_', '-')} must be >= 1, got {pick(name)}.")
+    if pick("cost_warmup") < 0:
+        raise BenchmarkError(f"--cost-warmup must be >= 0, got {pick('cost_warmup')}.")
+    bad = [s for s in pick("loss_sizes") if s < 2 or s % 2]
+    if bad:
+        raise BenchmarkError(f"--loss-sizes: {bad} — 2N must be an even number >= 2.")
+    return Config(
+        data=args.data or default_data_dir(), workdir=workdir,
+        out=os.path.abspath(args.out) if args.out else os.path.join(workdir, "report"),
+        trainers=args.trainers, num_labeled=parse_num_labeled(pick("num_labeled")), seeds=args.seeds or [0],
+        budget=Budget(epochs=pick("epochs"), iterations=pick("iterations"), val_iterations=pick("val_iterations"),
+                      pretrain_epochs=pick("pretrain_epochs"), disable_tta=bool(pick("disable_tta"))),
+        dataset_id=preset["dataset_id"], test_cases=pick("test_cases"), val_cases=pick("val_cases"),
+        pool_size=preset["pool_size"], split_seed=args.split_seed, device=args.device, quick=args.quick,
+        skip_cost=args.skip_cost, skip_label_efficiency=args.skip_label_efficiency,
+        cost_warmup=pick("cost_warmup"), cost_iterations=pick("cost_iterations"), loss_sizes=list(pick("loss_sizes")),
+        loss_reps=preset["loss_reps"], command=command_line()), SETUP_FILE
+
+
+def run(args) -> int:
+    from nnunet_contrastive.benchmark import BenchmarkError, check_data, run_benchmark, resolve_trainers
+    from nnunet_contrastive.converters import ConversionError
+    from nnunet_contrastive.labeled import LabeledSubsetError
+    from nnunet_contrastive.metadata import MetadataError
+    from nnunet_contrastive.plans_override import PlansOverrideError
+
+    try:
+        cfg, setup_file = build_config(args)
+        if len(set(cfg.seeds)) != len(cfg.seeds):
+            raise BenchmarkError(f"--seeds: {cfg.seeds} repeats a seed.")
+        # fail on bad input before deleting or converting anything
+        check_data(cfg.data)
+        resolve_trainers(cfg.trainers)
+        if args.fresh and os.path.isdir(cfg.workdir):
+            if os.listdir(cfg.workdir) and not os.path.isfile(os.path.join(cfg.workdir, setup_file)) \
+                    and not os.path.isdir(os.path.join(cfg.workdir, "nnUNet_raw")):
+                raise BenchmarkError(f"--fresh: {cfg.workdir} does not look like a benchmark work folder (no "
+                                     f"{setup_file}); not deleting it.")
+            shutil.rmtree(cfg.workdir)
+        return run_benchmark(cfg)
+    except (BenchmarkError, ConversionError, MetadataError, LabeledSubsetError, PlansOverrideError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
