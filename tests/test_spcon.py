@@ -231,3 +231,11 @@ def test_spcon_steps_never_read_unlabeled_labels(in_process, tmp_path, monkeypat
         for src, dst in hidden:
             if os.path.exists(dst):
                 shutil.move(dst, src)
+
+
+def test_pretrain_env_only_shortens_an_existing_pretraining_stage(in_process):
+    """nnUNet_contrastive_pretrain_epochs=2 (set by the fixture) must not give stage-2-only trainers a stage 1."""
+    assert _trainer(in_process).pretrain_epochs == 2
+    assert _trainer(in_process, "nnUNetTrainerSPConSemiOnly").pretrain_epochs == 0
+    assert _trainer(in_process, "nnUNetTrainerMeanTeacher").pretrain_epochs == 0
+    assert _trainer(in_process, "nnUNetTrainerUnsupCon").pretrain_epochs == 2

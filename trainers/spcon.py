@@ -80,7 +80,7 @@ class nnUNetTrainerSPCon(nnUNetTrainerContrastiveBase):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         raw = os.environ.get(PRETRAIN_ENV)
-        if raw:
+        if raw and self.pretrain_epochs > 0:  # trainers without a pre-training stage (SemiOnly, MeanTeacher) keep none
             try:
                 self.pretrain_epochs = int(raw)
             except ValueError:
