@@ -80,11 +80,12 @@ from nnunetv2.training.dataloading.nnunet_dataset import (nnUNetBaseDataset, nnU
 from threadpoolctl import threadpool_limits
 
 from nnunet_contrastive import slices as S
+from nnunet_contrastive.preprocess_unlabeled import UNLABELED_SUFFIX
 from nnunet_contrastive.metadata import METADATA_FILENAME, MetadataError, MetadataTable, read_metadata
 
 SAMPLING_MODES = ("random", "partition")
 SPATIAL_TRANSFORM_TYPES: tuple[type, ...] = (SpatialTransform, MirrorTransform)
-UNLABELED_FOLDER_SUFFIX = "_unlabeled"
+UNLABELED_FOLDER_SUFFIX = UNLABELED_SUFFIX  # one definition, owned by the writer (preprocess-unlabeled)
 
 
 # ---------------------------------------------------------------------------------------------------- shared views
@@ -477,6 +478,16 @@ def find_metadata(trainer) -> MetadataTable | None:
 def unlabeled_folder_of(trainer) -> str:
     """`<nnUNet_preprocessed>/<dataset>/<data_identifier>_unlabeled` (written by preprocess-unlabeled)."""
     return trainer.preprocessed_dataset_folder + UNLABELED_FOLDER_SUFFIX
+
+
+def unlabeled_folder_cases(trainer) -> list[str]:
+    """Case ids in the trainer's `<data_identifier>_unlabeled` folder ([] when it does not exist)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    folder = unlabeled_folder_of(trainer)
+    if not os.path.isdir(folder):
+        return []
+    return list(infer_dataset_class(folder).get_identifiers(folder))
 
 
 def wrap_like_nnunet(dl_tr, dl_val, device: torch.device):

@@ -31,7 +31,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch import distributed as dist
 
-from nnunet_contrastive.dataloading import build_semi_dataloaders, find_metadata
+from nnunet_contrastive.dataloading import build_semi_dataloaders, find_metadata, unlabeled_folder_cases
 from nnunet_contrastive.heads import GlobalProjectionHead, encode, unwrap_network
 from nnunet_contrastive.losses import supcon_loss
 from nnunet_contrastive.schedules import GammaSchedule, pair_loss_bounds
@@ -165,17 +165,15 @@ class nnUNetTrainerSPCon(nnUNetTrainerContrastiveBase):
         stage = stage_of(self.current_epoch, self.pretrain_epochs)
         self._loader_stage = stage
         k = self.num_partitions
+        extra_unlabeled = unlabeled_folder_cases(self)  # truly unlabeled images (preprocess-unlabeled)
         if stage == 1:
             # m volumes x K partitions; m <= the number of training volumes (distinct volumes per batch)
-            n_volumes = len(self.labeled_keys) + len(self.unlabeled_keys)
-            unl_folder = self.preprocessed_dataset_folder + "_unlabeled"
-            if os.path.isdir(unl_folder):
-                n_volumes += sum(f.endswith(".pkl") for f in os.listdir(unl_folder))
+            n_volumes = len(self.labeled_keys) + len(self.unlabeled_keys) + len(extra_unlabeled)
             n = k * max(1, min(max(2, self.batch_size // k), n_volumes))
             return build_semi_dataloaders(
                 self, sampling="partition", num_labeled=0, num_unlabeled=n, num_partitions=k, two_views=True,
                 share_spatial=False, unlabeled_keys=list(self.labeled_keys) + list(self.unlabeled_keys))
-        has_unlabeled = bool(self.unlabeled_keys) or os.path.isdir(self.preprocessed_dataset_folder + "_unlabeled")
+        has_unlabeled = bool(self.unlabeled_keys) or bool(extra_unlabeled)
         n_u = int(round(self.batch_size * self.unlabeled_fraction)) if has_unlabeled else 0
         n_u = min(n_u, self.batch_size - 1)
         if n_u == 0 and self.unlabeled_fraction > 0:
