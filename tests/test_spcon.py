@@ -60,7 +60,7 @@ def test_spcon_cli_train_predict_evaluate_student_and_teacher(phantom_prepared):
     log = ckpt["logging"]
     assert log["stage"] == [1.0, 2.0, 2.0, 2.0]
     # gamma (Eq. 16, p = 0.5) as a multiple of the largest pair loss: stage 1 has 6 samples (2 volumes x 3
-    # partitions of the batch of 8), stage 2 the 4 unlabeled rows of 8
+    # partitions of the batch of 8), stage 2 the 4 unlabeled rows added to the 8 labeled ones
     frac = lambda t, length: 0.15 + (1.8 - 0.15) * (t / length) ** 0.5  # noqa: E731
     expected = [frac(0, 1) * _l_max(6, 0.07)] + [frac(t, 3) * _l_max(4, 0.07) for t in range(3)]
     assert log["gamma_partition"] == pytest.approx(expected, rel=1e-6)
@@ -223,7 +223,10 @@ def test_spcon_steps_never_read_unlabeled_labels(in_process, tmp_path, monkeypat
         t.on_epoch_start()
         for _ in range(2):
             batch = next(t.dataloader_train)
-            assert set(batch["keys"][np.asarray(batch["labeled"])]) <= set(t.labeled_keys)
+            labeled = np.asarray(batch["labeled"])
+            assert set(batch["keys"][labeled]) <= set(t.labeled_keys)
+            # stage 2: the plans' full batch of labeled rows (as stock nnU-Net) plus 8 * 0.5 unlabeled rows
+            assert labeled.sum() == t.batch_size == 8 and (~labeled).sum() == 4
             out = t.train_step(batch)
             assert np.isfinite(out["loss"])
         t._finish_loaders()

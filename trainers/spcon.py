@@ -68,7 +68,9 @@ class nnUNetTrainerSPCon(nnUNetTrainerContrastiveBase):
     head_dim = 256
     head_grid = 2
     # stage 2 (Eq. 15)
-    unlabeled_fraction = 0.5
+    # stage-2 batch: the plans' batch_size labeled rows (what stock nnU-Net trains on) PLUS
+    # round(unlabeled_batch_ratio * batch_size) unlabeled rows (the authors: 5 labeled + 5 unlabeled per step)
+    unlabeled_batch_ratio = 0.5
     lambda_sp = 0.1
     lambda_reg = 1.0
     mt_rampup_fraction = 0.2  # of stage 2
@@ -174,12 +176,11 @@ class nnUNetTrainerSPCon(nnUNetTrainerContrastiveBase):
                 self, sampling="partition", num_labeled=0, num_unlabeled=n, num_partitions=k, two_views=True,
                 share_spatial=False, unlabeled_keys=list(self.labeled_keys) + list(self.unlabeled_keys))
         has_unlabeled = bool(self.unlabeled_keys) or bool(extra_unlabeled)
-        n_u = int(round(self.batch_size * self.unlabeled_fraction)) if has_unlabeled else 0
-        n_u = min(n_u, self.batch_size - 1)
-        if n_u == 0 and self.unlabeled_fraction > 0:
+        n_u = int(round(self.batch_size * self.unlabeled_batch_ratio)) if has_unlabeled else 0
+        if n_u == 0 and self.unlabeled_batch_ratio > 0:
             self.print_to_log_file("No unlabeled cases in this fold: stage 2 is supervised only.")
         return build_semi_dataloaders(
-            self, sampling="random", num_labeled=self.batch_size - n_u, num_unlabeled=n_u, num_partitions=k,
+            self, sampling="random", num_labeled=self.batch_size, num_unlabeled=n_u, num_partitions=k,
             two_views=True, share_spatial=True)
 
     def _finish_loaders(self):
