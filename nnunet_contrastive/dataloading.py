@@ -536,7 +536,7 @@ def build_semi_dataloaders(trainer, *, sampling: str = "random", num_labeled: in
                            unlabeled_folder: str | None = None, use_unlabeled_folder: bool = True,
                            metadata: MetadataTable | None = None, meta_label_columns: Sequence[str] | None = None,
                            unlabeled_target_value: int | None = None, val_num_partitions: int | None = None,
-                           start: bool = True):
+                           split: tuple[Sequence[str], Sequence[str]] | None = None, start: bool = True):
     """(train_loader, val_loader) for an overridden ``get_dataloaders()``, built and wrapped like nnU-Net's.
 
     Transforms come from the trainer's own (static) ``get_training_transforms`` / ``get_validation_transforms``
@@ -544,10 +544,11 @@ def build_semi_dataloaders(trainer, *, sampling: str = "random", num_labeled: in
     `SingleThreadedAugmenter` (nnUNet_n_proc_DA=0) or `NonDetMultiThreadedAugmenter`.
 
     Training batch = `num_labeled` (default: the trainer's batch size) labeled + `num_unlabeled` unlabeled samples.
-    Labeled cases: the split's training cases (``trainer.do_split()``; with nnunet-contrastive trainers the labeled
-    subset). Unlabeled cases: `unlabeled_keys` (default ``trainer.unlabeled_keys``, the fold's unlabeled training
-    cases) in the labeled folder, plus every case of `unlabeled_folder` (default ``<data_identifier>_unlabeled``
-    when it exists and `use_unlabeled_folder`). Validation: the fold's validation cases, random sampling, one view,
+    Labeled cases: the split's training cases (`split` = (train keys, val keys) when the caller already has them,
+    else ``trainer.do_split()``; with nnunet-contrastive trainers the labeled subset). Unlabeled cases:
+    `unlabeled_keys` (default ``trainer.unlabeled_keys``, the fold's unlabeled training cases) in the labeled folder,
+    plus every case of `unlabeled_folder` (default ``<data_identifier>_unlabeled`` when it exists and
+    `use_unlabeled_folder`). Validation: the fold's validation cases, random sampling, one view,
     labeled only, with slice positions and meta-labels (partitions with `val_num_partitions`, default
     `num_partitions`). Meta-labels: `metadata` or the dataset's metadata.csv (`find_metadata`); without a table
     `meta_labels` has M=0 columns. `start=False` returns the unwrapped loaders (tests, benchmarks).
@@ -559,7 +560,7 @@ def build_semi_dataloaders(trainer, *, sampling: str = "random", num_labeled: in
     tr_transforms, val_transforms, initial_patch_size, patch_size = nnunet_transforms(trainer)
     lm = trainer.label_manager
 
-    tr_keys, val_keys = trainer.do_split()
+    tr_keys, val_keys = trainer.do_split() if split is None else split
     if unlabeled_keys is None:
         unlabeled_keys = list(getattr(trainer, "unlabeled_keys", []) or [])
     ds_kwargs = dict(folder_with_segs_from_previous_stage=trainer.folder_with_segs_from_previous_stage)

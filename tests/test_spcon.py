@@ -242,3 +242,20 @@ def test_pretrain_env_only_shortens_an_existing_pretraining_stage(in_process):
     assert _trainer(in_process, "nnUNetTrainerSPConSemiOnly").pretrain_epochs == 0
     assert _trainer(in_process, "nnUNetTrainerMeanTeacher").pretrain_epochs == 0
     assert _trainer(in_process, "nnUNetTrainerUnsupCon").pretrain_epochs == 2
+
+
+def test_loader_build_splits_once_per_stage(in_process, monkeypatch):
+    """get_dataloaders runs do_split (which logs and writes labeled_subset.json) once, in both stages."""
+    t = _trainer(in_process)
+    t.initialize()
+    calls = []
+    original = t.do_split
+    monkeypatch.setattr(t, "do_split", lambda: calls.append(1) or original())
+    for epoch in (0, t.pretrain_epochs):  # stage 1, stage 2
+        t.current_epoch = epoch
+        calls.clear()
+        loaders = t.get_dataloaders()
+        assert len(calls) == 1, (epoch, len(calls))
+        for dl in loaders:
+            if hasattr(dl, "_finish"):
+                dl._finish()

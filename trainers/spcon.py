@@ -162,7 +162,7 @@ class nnUNetTrainerSPCon(nnUNetTrainerContrastiveBase):
     def get_dataloaders(self):
         """Stage 1: volume x partition batches of all training cases (images only), two independent views.
         Stage 2: labeled + unlabeled rows, two views sharing their spatial transform."""
-        self.do_split()
+        split = self.do_split()  # once: it logs and writes labeled_subset.json
         self.active_meta_labels = self.resolve_meta_labels(self._available_meta_labels())
         stage = stage_of(self.current_epoch, self.pretrain_epochs)
         self._loader_stage = stage
@@ -174,14 +174,14 @@ class nnUNetTrainerSPCon(nnUNetTrainerContrastiveBase):
             n = k * max(1, min(max(2, self.batch_size // k), n_volumes))
             return build_semi_dataloaders(
                 self, sampling="partition", num_labeled=0, num_unlabeled=n, num_partitions=k, two_views=True,
-                share_spatial=False, unlabeled_keys=list(self.labeled_keys) + list(self.unlabeled_keys))
+                share_spatial=False, unlabeled_keys=list(self.labeled_keys) + list(self.unlabeled_keys), split=split)
         has_unlabeled = bool(self.unlabeled_keys) or bool(extra_unlabeled)
         n_u = int(round(self.batch_size * self.unlabeled_batch_ratio)) if has_unlabeled else 0
         if n_u == 0 and self.unlabeled_batch_ratio > 0:
             self.print_to_log_file("No unlabeled cases in this fold: stage 2 is supervised only.")
         return build_semi_dataloaders(
             self, sampling="random", num_labeled=self.batch_size, num_unlabeled=n_u, num_partitions=k,
-            two_views=True, share_spatial=True)
+            two_views=True, share_spatial=True, split=split)
 
     def _finish_loaders(self):
         for dl in (self.dataloader_train, self.dataloader_val):
