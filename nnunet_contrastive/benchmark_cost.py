@@ -90,11 +90,6 @@ def measure_trainer(spec: dict) -> dict:
     return out
 
 
-def stage1_embeddings(batch_size: int, num_partitions: int = 3) -> int:
-    """2N of nnUNetTrainerSPCon's stage-1 batches (trainers/spcon.py get_dataloaders: N = max(2K, B // K * K))."""
-    return 2 * max(2 * num_partitions, (batch_size // num_partitions) * num_partitions)
-
-
 def measure_loss(spec: dict) -> dict:
     """Runs in the worker process. spec: sizes (2N values), dim, warmup, reps, device."""
     import torch
@@ -226,7 +221,9 @@ def measure_costs(trainers: list[str], env_for, dataset: str, plans: str, device
     loss = None
     if loss_sizes:
         batch = stock["batch_size"]
-        train_two_n = stage1_embeddings(batch)
+        from nnunet_contrastive.trainers.spcon import nnUNetTrainerSPCon
+
+        train_two_n = 2 * nnUNetTrainerSPCon.stage1_batch_rows(batch)  # two views of a stage-1 batch
         sizes = sorted(set([train_two_n] + list(loss_sizes)))
         cache = os.path.join(cache_dir, "loss_" + "_".join(map(str, sizes)) + f"_r{loss_reps}.json")
         if os.path.isfile(cache):

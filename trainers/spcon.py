@@ -169,9 +169,8 @@ class nnUNetTrainerSPCon(nnUNetTrainerContrastiveBase):
         k = self.num_partitions
         extra_unlabeled = unlabeled_folder_cases(self)  # truly unlabeled images (preprocess-unlabeled)
         if stage == 1:
-            # m volumes x K partitions; m <= the number of training volumes (distinct volumes per batch)
             n_volumes = len(self.labeled_keys) + len(self.unlabeled_keys) + len(extra_unlabeled)
-            n = k * max(1, min(max(2, self.batch_size // k), n_volumes))
+            n = self.stage1_batch_rows(self.batch_size, n_volumes)
             return build_semi_dataloaders(
                 self, sampling="partition", num_labeled=0, num_unlabeled=n, num_partitions=k, two_views=True,
                 share_spatial=False, unlabeled_keys=list(self.labeled_keys) + list(self.unlabeled_keys), split=split)
@@ -182,6 +181,14 @@ class nnUNetTrainerSPCon(nnUNetTrainerContrastiveBase):
         return build_semi_dataloaders(
             self, sampling="random", num_labeled=self.batch_size, num_unlabeled=n_u, num_partitions=k,
             two_views=True, share_spatial=True, split=split)
+
+    @classmethod
+    def stage1_batch_rows(cls, batch_size: int, n_volumes: int | None = None) -> int:
+        """Rows N of a stage-1 batch: m volumes x K partitions, m = max(2, batch_size // K), at most `n_volumes`
+        (distinct volumes per batch; None = unlimited)."""
+        k = cls.num_partitions
+        m = max(2, batch_size // k)
+        return k * (m if n_volumes is None else max(1, min(m, n_volumes)))
 
     def _finish_loaders(self):
         for dl in (self.dataloader_train, self.dataloader_val):
