@@ -10,7 +10,8 @@ def register(sub) -> None:
     from nnunet_contrastive.benchmark import BASELINE, DEFAULT_TRAINERS, FULL, QUICK
 
     p = sub.add_parser(
-        "benchmark", help="label-efficiency and cost benchmark on MSD hippocampus (unattended; ~45 min on 2 cores)",
+        "benchmark", help="label-efficiency and cost benchmark on MSD hippocampus (unattended; about 32 min per seed "
+                           "with --disable-tta on 2 idle cores)",
         description="Convert Task04_Hippocampus (convert-msd), hold out a fixed test set (moved to imagesTs/labelsTs "
                     "before nnUNetv2_plan_and_preprocess), then for each number of labeled volumes N, seed and trainer "
                     "train with nnUNetv2_train under the same budget (cpu_small plans, same total iterations; the "
