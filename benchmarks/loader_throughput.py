@@ -1,4 +1,4 @@
-"""Samples/second of the slice-aware loader (nnunet_contrastive.dataloading) against nnU-Net's stock loader.
+"""Samples/second of the slice-aware loader (nnunet_contrastive.data.dataloading) against nnU-Net's stock loader.
 
 Both loaders get the same preprocessed 2d dataset, batch size and nnU-Net training transforms
 (`nnUNetTrainer.get_training_transforms` as `get_dataloaders` configures them) and run in this process with one
@@ -40,12 +40,12 @@ def _log(*a):
 
 def prepare(dataset: str, workdir: str) -> tuple[str, str]:
     """(nnUNet_preprocessed root, dataset name) of a preprocessed dataset; converts/preprocesses if needed."""
-    from nnunet_contrastive.pipeline import nnunet_folders, plan_and_preprocess, small_machine_env
+    from nnunet_contrastive.prep.pipeline import nnunet_folders, plan_and_preprocess, small_machine_env
 
     if dataset == "auto":
         dataset = "hippocampus" if os.path.isdir(os.path.join(HIPPOCAMPUS_SRC, "imagesTr")) else "phantom"
     if dataset not in ("hippocampus", "phantom"):
-        from nnunet_contrastive.nnunet_paths import dataset_name
+        from nnunet_contrastive.prep.nnunet_paths import dataset_name
 
         root = os.environ.get("nnUNet_preprocessed")
         if not root:
@@ -60,14 +60,14 @@ def prepare(dataset: str, workdir: str) -> tuple[str, str]:
         _log(f"reusing preprocessed {existing[0]} in {workdir}")
         return folders["nnUNet_preprocessed"], existing[0]
     if dataset == "hippocampus":
-        from nnunet_contrastive.converters import convert_msd
+        from nnunet_contrastive.prep.converters import convert_msd
 
         raw_name = [d for d in os.listdir(folders["nnUNet_raw"]) if d.startswith(f"Dataset{ident:03d}_")]
         if not raw_name:
             _log(f"converting {HIPPOCAMPUS_SRC} (convert-msd) ...")
             convert_msd(HIPPOCAMPUS_SRC, ident, raw_root=folders["nnUNet_raw"], log=lambda *a: None)
     else:
-        from nnunet_contrastive.phantom import generate_phantom_dataset
+        from nnunet_contrastive.prep.phantom import generate_phantom_dataset
 
         _log("writing a phantom dataset ...")
         generate_phantom_dataset(folders["nnUNet_raw"], ident, num_train_patients=8, num_test_patients=0, size=64)
@@ -75,7 +75,7 @@ def prepare(dataset: str, workdir: str) -> tuple[str, str]:
     t0 = time.time()
     plan_and_preprocess(ident, small_machine_env(dict(os.environ)), log=lambda *a: None)
     _log(f"  done in {time.time() - t0:.0f} s")
-    from nnunet_contrastive.metadata import copy_metadata
+    from nnunet_contrastive.data.metadata import copy_metadata
 
     name = [d for d in os.listdir(folders["nnUNet_preprocessed"]) if d.startswith(f"Dataset{ident:03d}_")][0]
     copy_metadata(os.path.join(folders["nnUNet_raw"], name), os.path.join(folders["nnUNet_preprocessed"], name))
@@ -90,7 +90,7 @@ def build(pre_root: str, name: str, batch_size: int, partitions: int):
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_contrastive.dataloading import SliceAwareDataLoader, find_metadata, nnunet_transforms
+    from nnunet_contrastive.data.dataloading import SliceAwareDataLoader, find_metadata, nnunet_transforms
 
     os.environ["nnUNet_preprocessed"] = pre_root
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="loader_bench_results_")

@@ -23,7 +23,7 @@ def pytest_configure(config):
 @pytest.fixture
 def nnunet_env(tmp_path, monkeypatch):
     """Fresh nnUNet_raw / nnUNet_preprocessed / nnUNet_results folders for one test (also in os.environ)."""
-    from nnunet_contrastive.pipeline import nnunet_folders
+    from nnunet_contrastive.prep.pipeline import nnunet_folders
 
     folders = nnunet_folders(str(tmp_path / "nnunet"))
     for k, v in folders.items():
@@ -49,7 +49,7 @@ PHANTOM_ID = 991
 def cli_env(folders: dict, **extra) -> dict:
     """Environment of a new shell: small-machine settings, the given nnU-Net folders, NO nnUNet_extTrainer
     (finding our trainers must rely on the installed .pth hook)."""
-    from nnunet_contrastive.pipeline import small_machine_env
+    from nnunet_contrastive.prep.pipeline import small_machine_env
 
     return small_machine_env({k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}, **folders, **extra)
 
@@ -58,7 +58,7 @@ def run_cli(args, env, timeout=900) -> str:
     """Run an installed console script; fail the test with its output tail if it fails."""
     import subprocess
 
-    from nnunet_contrastive.pipeline import console_script
+    from nnunet_contrastive.prep.pipeline import console_script
 
     exe = console_script(args[0])
     out = subprocess.run([exe] + [str(a) for a in args[1:]], env=env, capture_output=True, text=True,
@@ -71,7 +71,7 @@ def run_cli(args, env, timeout=900) -> str:
 def phantom_prepared(tmp_path_factory):
     """Phantoms (6 training + 2 test patients, 48x48) planned and preprocessed by nnU-Net (2d), metadata checked
     and copied, the cpu_small plans and 3 labeled patients in fold 0 (patient-level split)."""
-    from nnunet_contrastive.phantom import generate_phantom_dataset
+    from nnunet_contrastive.prep.phantom import generate_phantom_dataset
 
     root = tmp_path_factory.mktemp("phantom")
     folders = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}

@@ -31,7 +31,7 @@ def test_installed_package_has_trainers_overrides_and_pth():
 
     import nnunet_contrastive.plans_overrides as po
     import nnunet_contrastive.trainers as tr
-    from nnunet_contrastive.plans_override import available_overrides
+    from nnunet_contrastive.prep.plans_override import available_overrides
 
     assert tr.nnUNetTrainerFewLabels.__module__ == "nnunet_contrastive.trainers.few_labels"
     assert "cpu_small" in available_overrides()

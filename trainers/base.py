@@ -1,7 +1,7 @@
 """Base of every nnunet-contrastive trainer: labeled subset of the fold, short-run schedules, safe checkpoints.
 
 - Labeled subset: `splits_final.json` may list, per fold, which training cases are labeled
-  (`nnunet-contrastive select-labeled`, see nnunet_contrastive.labeled). `self.labeled_keys` /
+  (`nnunet-contrastive select-labeled`, see nnunet_contrastive.data.labeled). `self.labeled_keys` /
   `self.unlabeled_keys` hold them; only labeled cases enter nnU-Net's supervised data loader. A fold without a
   `labeled` list is fully labeled.
 - Short runs: the environment variables `nnUNet_contrastive_epochs`, `nnUNet_contrastive_iterations` and
@@ -20,8 +20,8 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
 
-from nnunet_contrastive.labeled import SPLITS_FILENAME, labeled_and_unlabeled, read_splits
-from nnunet_contrastive.metadata import copy_metadata
+from nnunet_contrastive.data.labeled import SPLITS_FILENAME, labeled_and_unlabeled, read_splits
+from nnunet_contrastive.data.metadata import copy_metadata
 
 CHECKPOINT_KEY = "nnunet_contrastive"
 SCHEDULE_ENV = {

@@ -31,12 +31,12 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch import distributed as dist
 
-from nnunet_contrastive.dataloading import build_semi_dataloaders, find_metadata, unlabeled_folder_cases
-from nnunet_contrastive.heads import GlobalProjectionHead, encode, unwrap_network
+from nnunet_contrastive.data.dataloading import build_semi_dataloaders, find_metadata, unlabeled_folder_cases
+from nnunet_contrastive.components.heads import GlobalProjectionHead, encode, unwrap_network
 from nnunet_contrastive.losses import supcon_loss
-from nnunet_contrastive.schedules import GammaSchedule, pair_loss_bounds
-from nnunet_contrastive.stages import StagePolyLRScheduler, stage_epoch, stage_of
-from nnunet_contrastive.teacher import EMATeacher, flip_batch, mean_teacher_consistency, random_flip, \
+from nnunet_contrastive.framework.schedules import GammaSchedule, pair_loss_bounds
+from nnunet_contrastive.framework.stages import StagePolyLRScheduler, stage_epoch, stage_of
+from nnunet_contrastive.components.teacher import EMATeacher, flip_batch, mean_teacher_consistency, random_flip, \
     sigmoid_rampup
 from nnunet_contrastive.trainers.base import nnUNetTrainerContrastiveBase
 
@@ -366,7 +366,7 @@ class nnUNetTrainerSPCon(nnUNetTrainerContrastiveBase):
         super().on_epoch_end()
         if self.local_rank == 0:
             try:
-                from nnunet_contrastive.plotting import plot_contrastive_progress
+                from nnunet_contrastive.framework.plotting import plot_contrastive_progress
 
                 plot_contrastive_progress(self.logger.local_logger.my_fantastic_logging,
                                           os.path.join(self.output_folder, "progress_contrastive.png"),

@@ -1,4 +1,4 @@
-"""`nnunet-contrastive benchmark`: label efficiency and cost on MSD hippocampus (nnunet_contrastive.benchmark)."""
+"""`nnunet-contrastive benchmark`: label efficiency and cost on MSD hippocampus (nnunet_contrastive.bench.benchmark)."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ import sys
 
 
 def register(sub) -> None:
-    from nnunet_contrastive.benchmark import BASELINE, DEFAULT_TRAINERS, FULL, QUICK
+    from nnunet_contrastive.bench.benchmark import BASELINE, DEFAULT_TRAINERS, FULL, QUICK
 
     p = sub.add_parser(
         "benchmark", help="label-efficiency and cost benchmark on MSD hippocampus (unattended; about 32 min per seed "
@@ -65,7 +65,7 @@ def register(sub) -> None:
 
 
 def build_config(args):
-    from nnunet_contrastive.benchmark import (FULL, QUICK, SETUP_FILE, BenchmarkError, Budget, Config, command_line,
+    from nnunet_contrastive.bench.benchmark import (FULL, QUICK, SETUP_FILE, BenchmarkError, Budget, Config, command_line,
                                               default_data_dir, parse_num_labeled)
 
     preset = QUICK if args.quick else FULL
@@ -97,11 +97,11 @@ def build_config(args):
 
 
 def run(args) -> int:
-    from nnunet_contrastive.benchmark import BenchmarkError, check_data, run_benchmark, resolve_trainers
-    from nnunet_contrastive.converters import ConversionError
-    from nnunet_contrastive.labeled import LabeledSubsetError
-    from nnunet_contrastive.metadata import MetadataError
-    from nnunet_contrastive.plans_override import PlansOverrideError
+    from nnunet_contrastive.bench.benchmark import BenchmarkError, check_data, run_benchmark, resolve_trainers
+    from nnunet_contrastive.prep.converters import ConversionError
+    from nnunet_contrastive.data.labeled import LabeledSubsetError
+    from nnunet_contrastive.data.metadata import MetadataError
+    from nnunet_contrastive.prep.plans_override import PlansOverrideError
 
     try:
         cfg, setup_file = build_config(args)

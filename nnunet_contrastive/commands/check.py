@@ -4,7 +4,7 @@ Labeled cases are nnU-Net's `imagesTr/<case>_0000<ending>`. Truly unlabeled imag
 `nnUNet_raw/DatasetXXX_Name/imagesUnlabeled/<case>_XXXX<ending>` (same naming as imagesTr, no labels): this folder
 is our convention; nnU-Net never reads it, so its planning, `--verify_dataset_integrity` and validation keep working
 on the labeled part, and `nnunet-contrastive preprocess-unlabeled` preprocesses it with the dataset's plans.
-The checks themselves are `nnunet_contrastive.dataset_check.check_dataset` (usable from trainers).
+The checks themselves are `nnunet_contrastive.prep.dataset_check.check_dataset` (usable from trainers).
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nnunet_contrastive.dataset_check import check_dataset
-    from nnunet_contrastive.metadata import METADATA_FILENAME, MetadataError, copy_metadata
-    from nnunet_contrastive.nnunet_paths import NnUNetPathError, raw_folder
+    from nnunet_contrastive.prep.dataset_check import check_dataset
+    from nnunet_contrastive.data.metadata import METADATA_FILENAME, MetadataError, copy_metadata
+    from nnunet_contrastive.prep.nnunet_paths import NnUNetPathError, raw_folder
 
     try:
         raw = raw_folder(args.dataset)

@@ -39,13 +39,13 @@ def _common(p, name_help: str) -> None:
 
 
 def run_msd(args) -> int:
-    from nnunet_contrastive.converters import convert_msd
+    from nnunet_contrastive.prep.converters import convert_msd
 
     return _run(convert_msd, args, args.name)
 
 
 def run_acdc(args) -> int:
-    from nnunet_contrastive.converters import convert_acdc
+    from nnunet_contrastive.prep.converters import convert_acdc
 
     return _run(convert_acdc, args, args.name or "ACDC")
 
@@ -53,8 +53,8 @@ def run_acdc(args) -> int:
 def _run(convert, args, name) -> int:
     import os
 
-    from nnunet_contrastive.converters import ConversionError
-    from nnunet_contrastive.metadata import MetadataError
+    from nnunet_contrastive.prep.converters import ConversionError
+    from nnunet_contrastive.data.metadata import MetadataError
 
     try:
         res = convert(args.src, args.dataset_id, name, raw_root=os.environ.get("nnUNet_raw", ""),

@@ -1,6 +1,6 @@
 """`nnunet-contrastive demo`: phantom data -> nnU-Net plan/preprocess -> train -> predict -> evaluate -> table.
 
-Everything runs through nnU-Net's own commands (nnunet_contrastive.pipeline). The training schedule is shortened
+Everything runs through nnU-Net's own commands (nnunet_contrastive.prep.pipeline). The training schedule is shortened
 with the `nnUNet_contrastive_*` environment variables (trainers/base.py) and the `cpu_small` plans override, so the
 default run takes a few minutes on 2 CPU cores. The numbers of such a short run are a smoke test, not a benchmark.
 """
@@ -42,11 +42,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nnunet_contrastive import pipeline
+    from nnunet_contrastive.prep import pipeline
     from nnunet_contrastive.commands.select_labeled import run as select_labeled
-    from nnunet_contrastive.metadata import copy_metadata
-    from nnunet_contrastive.phantom import generate_phantom_dataset
-    from nnunet_contrastive.plans_override import derive_plans
+    from nnunet_contrastive.data.metadata import copy_metadata
+    from nnunet_contrastive.prep.phantom import generate_phantom_dataset
+    from nnunet_contrastive.prep.plans_override import derive_plans
 
     t_start = time.time()
     trainers = args.trainers or DEFAULT_TRAINERS

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from nnunet_contrastive.plans_override import PlansOverrideError, available_overrides, derive_plans
+from nnunet_contrastive.prep.plans_override import PlansOverrideError, available_overrides, derive_plans
 
 
 def register(sub) -> None:
@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nnunet_contrastive.nnunet_paths import NnUNetPathError, preprocessed_folder
+    from nnunet_contrastive.prep.nnunet_paths import NnUNetPathError, preprocessed_folder
 
     try:
         new = derive_plans(preprocessed_folder(args.dataset), args.override, args.plans, args.name)

@@ -1,5 +1,5 @@
 """`nnunet-contrastive preprocess-unlabeled`: imagesUnlabeled/ -> <data_identifier>_unlabeled/ with the dataset's
-plans (nnunet_contrastive.preprocess_unlabeled)."""
+plans (nnunet_contrastive.prep.preprocess_unlabeled)."""
 from __future__ import annotations
 
 import sys
@@ -23,9 +23,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nnunet_contrastive.metadata import MetadataError
-    from nnunet_contrastive.nnunet_paths import NnUNetPathError, preprocessed_folder, raw_folder
-    from nnunet_contrastive.preprocess_unlabeled import UnlabeledPreprocessError, preprocess_unlabeled
+    from nnunet_contrastive.data.metadata import MetadataError
+    from nnunet_contrastive.prep.nnunet_paths import NnUNetPathError, preprocessed_folder, raw_folder
+    from nnunet_contrastive.prep.preprocess_unlabeled import UnlabeledPreprocessError, preprocess_unlabeled
 
     if args.num_processes < 1:
         print(f"error: -np must be >= 1, got {args.num_processes}.", file=sys.stderr)

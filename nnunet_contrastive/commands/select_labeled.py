@@ -4,10 +4,10 @@ from __future__ import annotations
 import os
 import sys
 
-from nnunet_contrastive.labeled import (LabeledSubsetError, SPLITS_FILENAME, apply_selection,
+from nnunet_contrastive.data.labeled import (LabeledSubsetError, SPLITS_FILENAME, apply_selection,
                                         grouped_crossval_split, patients_across_train_and_val, read_splits,
                                         write_splits)
-from nnunet_contrastive.metadata import METADATA_FILENAME, MetadataError, load_dataset_json, read_metadata
+from nnunet_contrastive.data.metadata import METADATA_FILENAME, MetadataError, load_dataset_json, read_metadata
 
 
 def register(sub) -> None:
@@ -67,7 +67,7 @@ def patient_groups(preprocessed: str, raw: str | None) -> dict[str, str]:
 
 
 def run(args) -> int:
-    from nnunet_contrastive.nnunet_paths import NnUNetPathError, preprocessed_folder, raw_folder
+    from nnunet_contrastive.prep.nnunet_paths import NnUNetPathError, preprocessed_folder, raw_folder
 
     try:
         pre = preprocessed_folder(args.dataset)

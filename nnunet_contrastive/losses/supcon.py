@@ -274,7 +274,7 @@ def pair_loss_matrix(z1: Tensor, z2: Tensor, temperature: float = DEFAULT_TEMPER
     Returns:
         (2N, 2N) tensor in the compute dtype (float32, or float64 for float64 inputs), differentiable, with
         ``+inf`` on the diagonal (a view is never paired with itself). Off-diagonal entries lie within
-        :func:`nnunet_contrastive.schedules.pair_loss_bounds` for unit-norm embeddings (Proposition 2).
+        :func:`nnunet_contrastive.framework.schedules.pair_loss_bounds` for unit-norm embeddings (Proposition 2).
     """
     temperature = _check_temperature(temperature)
     _check_embeddings(z1, z2, normalize, validate)
@@ -356,7 +356,7 @@ def supcon_loss(z1: Tensor, z2: Tensor, labels: Optional[Tensor] = None, *,
 
 class SelfPacedSupConLoss(nn.Module):
     """Module wrapper of :func:`supcon_loss` holding the fixed configuration; the pace ``gamma`` is passed per call
-    (e.g. from :class:`nnunet_contrastive.schedules.GammaSchedule`, one per meta-label).
+    (e.g. from :class:`nnunet_contrastive.framework.schedules.GammaSchedule`, one per meta-label).
 
     ``forward(z1, z2, labels=None, gamma=None) -> SupConOutput``; shapes as in :func:`supcon_loss`.
     """

@@ -14,7 +14,7 @@ from nnunet_contrastive.losses import (
     supcon_loss,
 )
 from nnunet_contrastive.losses.reference import per_label_loop_supcon
-from nnunet_contrastive.schedules import pair_loss_bounds
+from nnunet_contrastive.framework.schedules import pair_loss_bounds
 
 torch.set_num_threads(1)
 

@@ -1,0 +1,632 @@
+"""`nnunet-contrastive benchmark`: label efficiency and cost of our trainers on real data (MSD hippocampus).
+
+Everything runs through nnU-Net's own commands (nnunet_contrastive.prep.pipeline); this module only arranges data,
+splits, budgets and the report.
+
+Data (`prepare_data`)
+    `Task04_Hippocampus` (MSD layout) is converted with `convert_msd` into `<workdir>/nnUNet_raw`. A FIXED held-out
+    test set — `test_cases` cases drawn with `split_seed` — is then MOVED from imagesTr/labelsTr to
+    imagesTs/labelsTs (numTraining and metadata.csv updated) BEFORE `nnUNetv2_plan_and_preprocess`, so the test
+    volumes are never planned on, preprocessed or trained on. The remaining cases form the training pool (`--quick`
+    keeps only `pool_size` of them and deletes the rest from the converted copy). `val_cases` pool cases (same seed)
+    are nnU-Net's validation cases; train = pool − val. Our own `splits_final.json` has ONE fold (fold 0) with these
+    train / val lists; before each run the labeled subset of that fold is drawn with
+    `nnunet_contrastive.data.labeled.apply_selection(splits, N, seed)` (N = "all": every train case labeled, no unlabeled
+    data). The split is recorded in `<workdir>/benchmark_setup.json`.
+
+Budget
+    Every trainer gets the same plans (nnU-Net's 2d plans + the `cpu_small` override: batch 8) and the same number of
+    training iterations, `epochs x iterations` (env nnUNet_contrastive_epochs / _iterations). Two-stage trainers
+    (nnUNetTrainerSPCon, nnUNetTrainerUnsupCon, ...) spend `pretrain_epochs` of those epochs on contrastive
+    pre-training (env nnUNet_contrastive_pretrain_epochs) and the rest on stage 2: pre-training + stage 2 = the same
+    total. Predictions use `checkpoint_final.pth` (the student network) for every trainer.
+
+Runs
+    One run = (trainer, N, seed): write the split, `nnUNetv2_train DATASET 2d 0 -tr T -p nnUNetPlans_cpu_small`
+    with its own nnUNet_results folder, `nnUNetv2_predict` on imagesTs, `nnUNetv2_evaluate_folder` against labelsTs.
+    Its result is `<workdir>/runs/<budget>/<trainer>/N<n>_seed<s>/result.json`; a run with that file is skipped, an
+    interrupted one starts again (from its `checkpoint_final.pth` when training had finished). The seed draws the
+    labeled subset (nnU-Net's training itself is not seeded).
+
+Outputs (in `--out`, default `<workdir>/report`): `results.md`, `results.json`, `dice_vs_labeled.png`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+from nnunet_contrastive.bench.report import ALL, n_sort_key
+
+BASELINE = "nnUNetTrainerFewLabels"
+DEFAULT_TRAINERS = [BASELINE, "nnUNetTrainerSPCon"]
+PLANS_OVERRIDE = "cpu_small"
+DATASET_NAME = "Hippocampus"
+SETUP_FILE = "benchmark_setup.json"
+
+# Budgets: FULL is the default run (2 trainers x 4 N x 1 seed on 2 idle CPU cores: see docs/results/);
+# QUICK only exercises every code path (CI), its numbers mean nothing.
+FULL = dict(dataset_id=941, test_cases=40, val_cases=4, pool_size=None, num_labeled=["1", "2", "4", "all"],
+            epochs=10, iterations=100, val_iterations=4, pretrain_epochs=2, cost_warmup=3, cost_iterations=20,
+            loss_sizes=[64, 128, 256, 512], loss_reps=20, disable_tta=False, workdir="nnunet_contrastive_benchmark")
+QUICK = dict(dataset_id=942, test_cases=2, val_cases=1, pool_size=12, num_labeled=["1", "all"],
+             epochs=2, iterations=3, val_iterations=1, pretrain_epochs=1, cost_warmup=1, cost_iterations=2,
+             loss_sizes=[64, 128], loss_reps=3, disable_tta=True, workdir="nnunet_contrastive_benchmark_quick")
+
+
+class BenchmarkError(ValueError):
+    """Bad input or an unusable work folder; the message says what to change."""
+
+
+@dataclass
+class Budget:
+    epochs: int
+    iterations: int
+    val_iterations: int
+    pretrain_epochs: int
+    disable_tta: bool = False
+
+    @property
+    def total_iterations(self) -> int:
+        return self.epochs * self.iterations
+
+    @property
+    def tag(self) -> str:
+        return (f"e{self.epochs}_i{self.iterations}_v{self.val_iterations}_p{self.pretrain_epochs}"
+                + ("_notta" if self.disable_tta else ""))
+
+    def describe(self, two_stage: list[str]) -> str:
+        s = (f"{self.epochs} epochs x {self.iterations} iterations = {self.total_iterations} training iterations per "
+             f"run for every trainer (batch 8, plans nnUNetPlans_{PLANS_OVERRIDE}; {self.val_iterations} validation "
+             f"iterations per epoch, not counted)")
+        if two_stage:
+            p, e, i = self.pretrain_epochs, self.epochs, self.iterations
+            s += (f"; {', '.join(two_stage)}: {p}x{i} = {p * i} contrastive pre-training + {e - p}x{i} = "
+                  f"{(e - p) * i} stage-2 iterations = {e * i} in all")
+        return s
+
+
+@dataclass
+class Config:
+    data: str
+    workdir: str
+    out: str
+    trainers: list[str]
+    num_labeled: list  # ints and/or "all"
+    seeds: list[int]
+    budget: Budget
+    dataset_id: int
+    test_cases: int
+    val_cases: int
+    pool_size: int | None
+    split_seed: int = 0
+    device: str = "cpu"
+    quick: bool = False
+    skip_cost: bool = False
+    skip_label_efficiency: bool = False
+    cost_warmup: int = 3
+    cost_iterations: int = 20
+    loss_sizes: list[int] = field(default_factory=list)
+    loss_reps: int = 20
+    command: str = ""
+
+
+@dataclass
+class Prepared:
+    raw: str
+    pre: str
+    dataset: str  # DatasetXXX_Name
+    plans: str
+    labels: dict
+    classes: list[str]
+    train: list[str]
+    val: list[str]
+    test: list[str]
+
+
+# ------------------------------------------------------------------------------------------------ input checks
+def default_data_dir() -> str:
+    """`<repository>/../shared/data/Task04_Hippocampus` (a source checkout), else `./../shared/data/...`."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [os.path.join(os.path.dirname(here), "shared", "data", "Task04_Hippocampus"),
+                  os.path.join(os.path.dirname(os.getcwd()), "shared", "data", "Task04_Hippocampus")]
+    for c in candidates:
+        if os.path.isdir(c):
+            return c
+    return candidates[0]
+
+
+def check_data(path: str) -> str:
+    path = os.path.abspath(path)
+    if not os.path.isdir(os.path.join(path, "imagesTr")) or not os.path.isdir(os.path.join(path, "labelsTr")):
+        raise BenchmarkError(
+            f"hippocampus data not found: {path} has no imagesTr/ and labelsTr/. The benchmark needs the Medical "
+            f"Segmentation Decathlon Task04_Hippocampus folder (imagesTr/, labelsTr/, dataset.json); pass it with "
+            f"--data PATH.")
+    return path
+
+
+def parse_num_labeled(values) -> list:
+    out = []
+    for v in values:
+        text = str(v).strip().lower()
+        if text == ALL:
+            n = ALL
+        else:
+            try:
+                n = int(text)
+            except ValueError:
+                raise BenchmarkError(f"--num-labeled: '{v}' is neither a positive integer nor 'all'.") from None
+            if n < 1:
+                raise BenchmarkError(f"--num-labeled: {n} labeled volumes is impossible; give positive integers "
+                                     f"or 'all'.")
+        if n not in out:
+            out.append(n)
+    if not out:
+        raise BenchmarkError("--num-labeled: give at least one value.")
+    return sorted(out, key=n_sort_key)
+
+
+def available_trainers() -> list[str]:
+    import nnunet_contrastive.trainers as T
+
+    return [t for t in T.__all__ if t != "nnUNetTrainerContrastiveBase"]
+
+
+def resolve_trainers(names: list[str] | None) -> list[str]:
+    """The trainers to run, baseline first (always included: every gain is measured against it)."""
+    names = list(names or DEFAULT_TRAINERS)
+    known = available_trainers()
+    for n in names:
+        if n not in known:
+            raise BenchmarkError(f"unknown trainer '{n}'. Choose from: {', '.join(known)}.")
+        if n == "nnUNetTrainerSPConPretrain":
+            raise BenchmarkError("nnUNetTrainerSPConPretrain only pre-trains the encoder (its decoder is untrained): "
+                                 "it segments nothing and cannot be benchmarked. Use nnUNetTrainerSPCon.")
+    out = [BASELINE] + [n for n in names if n != BASELINE]
+    return list(dict.fromkeys(out))
+
+
+def two_stage(trainer: str) -> bool:
+    from nnunet_contrastive.bench.cost import trainer_stages
+
+    return trainer_stages(trainer) == [1, 2]
+
+
+def check_budget(b: Budget, trainers: list[str]) -> None:
+    for name, v, lo in (("--epochs", b.epochs, 1), ("--iterations", b.iterations, 1),
+                        ("--val-iterations", b.val_iterations, 1), ("--pretrain-epochs", b.pretrain_epochs, 0)):
+        if v < lo:
+            raise BenchmarkError(f"{name} must be >= {lo}, got {v}.")
+    staged = [t for t in trainers if two_stage(t)]
+    if staged and not b.pretrain_epochs < b.epochs:
+        raise BenchmarkError(f"--pretrain-epochs ({b.pretrain_epochs}) must be smaller than --epochs ({b.epochs}): "
+                             f"{', '.join(staged)} need at least one stage-2 epoch.")
+
+
+def check_meta_labels(trainers: list[str], prep: "Prepared") -> None:
+    """Trainers that require a meta-label the dataset lacks (e.g. nnUNetTrainerSPConPhase: 'phase') fail here,
+    before any training, instead of at the start of their runs."""
+    from nnunet_contrastive.bench.cost import trainer_class
+    from nnunet_contrastive.data.metadata import load_dataset_json, read_metadata
+    from nnunet_contrastive.trainers.spcon import PARTITION, nnUNetTrainerSPCon
+
+    table = read_metadata(prep.raw, load_dataset_json(prep.raw))
+    available = [PARTITION] + table.available_meta_labels()
+    for t in trainers:
+        cls = trainer_class(t)
+        if issubclass(cls, nnUNetTrainerSPCon):
+            missing = [m for m in cls.required_meta_labels if m not in available]
+            if missing:
+                raise BenchmarkError(f"{t} needs meta-label(s) {missing}, which the hippocampus data do not have "
+                                     f"(available: {available}). Leave it out of --trainers.")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _case_files(folder: str, case: str, ending: str, channels: int | None) -> list[str]:
+    if channels is None:
+        return [os.path.join(folder, case + ending)]
+    return [os.path.join(folder, f"{case}_{c:04d}{ending}") for c in range(channels)]
+
+
+def _setup_dict(cfg: Config) -> dict:
+    return {"source": cfg.data, "dataset_id": cfg.dataset_id, "test_cases": cfg.test_cases,
+            "val_cases": cfg.val_cases, "pool_size": cfg.pool_size, "split_seed": cfg.split_seed}
+
+
+def _hold_out(raw: str, cfg: Config, log) -> dict:
+    """Move the held-out cases to imagesTs/labelsTs (and drop cases beyond pool_size); returns the split."""
+    import numpy as np
+
+    from nnunet_contrastive.data.metadata import METADATA_FILENAME, read_metadata, write_metadata
+
+    with open(os.path.join(raw, "dataset.json"), encoding="utf-8") as f:
+        dj = json.load(f)
+    ending, channels = dj["file_ending"], len(dj["channel_names"])
+    cases = sorted(f[: -len(ending)] for f in os.listdir(os.path.join(raw, "labelsTr")) if f.endswith(ending))
+    need = cfg.test_cases + cfg.val_cases + 1
+    if len(cases) < need:
+        raise BenchmarkError(f"{cfg.data} has {len(cases)} cases; --test-cases {cfg.test_cases} + --val-cases "
+                             f"{cfg.val_cases} leave fewer than 1 training case.")
+    rng = np.random.default_rng(cfg.split_seed)
+    order = [cases[i] for i in rng.permutation(len(cases))]
+    test = sorted(order[: cfg.test_cases])
+    rest = order[cfg.test_cases:]
+    pool = sorted(rest if cfg.pool_size is None else rest[: cfg.pool_size])
+    dropped = sorted(set(rest) - set(pool))
+    if len(pool) <= cfg.val_cases:
+        raise BenchmarkError(f"the training pool has {len(pool)} cases: not enough for {cfg.val_cases} validation "
+                             f"cases and at least one training case.")
+    val = sorted(np.random.default_rng(cfg.split_seed + 1).choice(pool, cfg.val_cases, replace=False).tolist())
+    train = [c for c in pool if c not in set(val)]
+    for split in ("imagesTs", "labelsTs"):
+        os.makedirs(os.path.join(raw, split), exist_ok=True)
+    for case in test:
+        for src in _case_files(os.path.join(raw, "imagesTr"), case, ending, channels):
+            os.replace(src, os.path.join(raw, "imagesTs", os.path.basename(src)))
+        os.replace(os.path.join(raw, "labelsTr", case + ending), os.path.join(raw, "labelsTs", case + ending))
+    for case in dropped:
+        for src in _case_files(os.path.join(raw, "imagesTr"), case, ending, channels):
+            os.remove(src)
+        os.remove(os.path.join(raw, "labelsTr", case + ending))
+    table = read_metadata(raw, dj)
+    write_metadata(os.path.join(raw, METADATA_FILENAME), {c: table.rows[c] for c in pool}, table.columns)
+    write_metadata(os.path.join(raw, "metadata_Ts.csv"), {c: table.rows[c] for c in test}, table.columns)
+    dj["numTraining"] = len(pool)
+    dj["benchmark_holdout"] = (f"{len(test)} cases moved to imagesTs/labelsTs before planning (seed "
+                               f"{cfg.split_seed}); {len(dropped)} cases removed (pool size {cfg.pool_size})")
+    with open(os.path.join(raw, "dataset.json"), "w", encoding="utf-8") as f:
+        json.dump(dj, f, indent=2)
+    log(f"  held out {len(test)} test cases (imagesTs/labelsTs); pool {len(pool)} = {len(train)} train + "
+        f"{len(val)} val" + (f"; {len(dropped)} cases not used" if dropped else ""))
+    return {"test": test, "pool": pool, "train": train, "val": val, "dropped": dropped}
+
+
+def prepare_data(cfg: Config, env: dict, log=print) -> Prepared:
+    """Convert, hold out, plan and preprocess (each step skipped when already done in this workdir)."""
+    from nnunet_contrastive.prep import pipeline
+    from nnunet_contrastive.prep.converters import convert_msd
+    from nnunet_contrastive.data.metadata import copy_metadata
+    from nnunet_contrastive.prep.plans_override import derive_plans
+
+    setup_path = os.path.join(cfg.workdir, SETUP_FILE)
+    wanted = _setup_dict(cfg)
+    setup = None
+    if os.path.isfile(setup_path):
+        with open(setup_path, encoding="utf-8") as f:
+            setup = json.load(f)
+        old = {k: setup.get(k) for k in wanted}
+        if old != wanted:
+            diff = {k: (old[k], wanted[k]) for k in wanted if old[k] != wanted[k]}
+            raise BenchmarkError(f"{cfg.workdir} was prepared with a different data setup {diff} (old, new). Use "
+                                 f"another --workdir, or --fresh to delete this one.")
+    dataset = f"Dataset{cfg.dataset_id:03d}_{DATASET_NAME}"
+    raw = os.path.join(env["nnUNet_raw"], dataset)
+    pre = os.path.join(env["nnUNet_preprocessed"], dataset)
+    if setup is None or not setup.get("holdout_done"):
+        log(f"converting {cfg.data} (convert-msd) into {env['nnUNet_raw']}")
+        shutil.rmtree(pre, ignore_errors=True)
+        convert_msd(cfg.data, cfg.dataset_id, DATASET_NAME, raw_root=env["nnUNet_raw"], overwrite=True)
+        split = _hold_out(raw, cfg, log)
+        setup = {**wanted, **split, "holdout_done": True, "how": (
+            "test cases moved from imagesTr/labelsTr to imagesTs/labelsTs before nnUNetv2_plan_and_preprocess; "
+            "splits_final.json: one fold, train = pool - val")}
+        with open(setup_path, "w", encoding="utf-8") as f:
+            json.dump(setup, f, indent=1)
+    gt = os.path.join(pre, "gt_segmentations")
+    done = (os.path.isfile(os.path.join(pre, "nnUNetPlans.json")) and os.path.isdir(os.path.join(pre, "nnUNetPlans_2d"))
+            and os.path.isdir(gt) and len(os.listdir(gt)) == len(setup["pool"]))
+    if not done:
+        log("nnUNetv2_plan_and_preprocess (2d) on the training pool")
+        t0 = time.time()
+        pipeline.plan_and_preprocess(cfg.dataset_id, env, log=lambda *a: None,
+                                     output_file=os.path.join(cfg.workdir, "plan_and_preprocess.log"))
+        log(f"  done in {time.time() - t0:.0f} s")
+    copy_metadata(raw, pre)
+    plans = derive_plans(pre, PLANS_OVERRIDE)
+    with open(os.path.join(raw, "dataset.json"), encoding="utf-8") as f:
+        labels = json.load(f)["labels"]
+    classes = [k for k, v in labels.items() if v != 0 and k != "ignore"]
+    return Prepared(raw=raw, pre=pre, dataset=dataset, plans=plans, labels=labels, classes=classes,
+                    train=list(setup["train"]), val=list(setup["val"]), test=list(setup["test"]))
+
+
+def write_split(prep: Prepared, num_labeled, seed: int) -> list[str]:
+    """splits_final.json with one fold (train / val of the benchmark) and its labeled subset; returns it."""
+    from nnunet_contrastive.data.labeled import apply_selection, write_splits
+
+    splits = apply_selection([{"train": list(prep.train), "val": list(prep.val)}], num_labeled, seed, "case",
+                             folds=[0])
+    write_splits(prep.pre, splits)
+    return list(splits[0]["labeled"])
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def run_env(base: dict, trainer: str, budget: Budget, results: str) -> dict:
+    env = dict(base, nnUNet_results=results, nnUNet_contrastive_epochs=str(budget.epochs),
+               nnUNet_contrastive_iterations=str(budget.iterations),
+               nnUNet_contrastive_val_iterations=str(budget.val_iterations))
+    # only two-stage trainers get the pre-training variable: it would give one-stage SPCon subclasses
+    # (nnUNetTrainerMeanTeacher, nnUNetTrainerSPConSemiOnly) a pre-training stage they must not have
+    env.pop("nnUNet_contrastive_pretrain_epochs", None)
+    if trainer != "nnUNetTrainer" and two_stage(trainer):
+        env["nnUNet_contrastive_pretrain_epochs"] = str(budget.pretrain_epochs)
+    return env
+
+
+def run_dir(cfg: Config, trainer: str, n, seed: int) -> str:
+    return os.path.join(cfg.workdir, "runs", cfg.budget.tag, trainer, f"N{n}_seed{seed}")
+
+
+def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: int, log=print) -> dict:
+    """Train, predict and evaluate one (trainer, N, seed); skipped when its result.json exists."""
+    from nnunet_contrastive.prep import pipeline
+
+    folder = run_dir(cfg, trainer, n, seed)
+    result_path = os.path.join(folder, "result.json")
+    if os.path.isfile(result_path):
+        with open(result_path, encoding="utf-8") as f:
+            res = json.load(f)
+        log(f"  {trainer} N={n} seed={seed}: done before (mean Dice {res['dice']['mean']:.3f}), skipped")
+        return res
+    os.makedirs(folder, exist_ok=True)
+    labeled = write_split(prep, n, seed)
+    results = os.path.join(folder, "nnUNet_results")
+    env = run_env(base_env, trainer, cfg.budget, results)
+    fold_dir = os.path.join(results, prep.dataset, f"{trainer}__{prep.plans}__2d", "fold_0")
+    logf = os.path.join(folder, "log.txt")
+    times = {}
+    load = {"start": _loadavg()}
+    t0 = time.time()
+    if not os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
+        shutil.rmtree(results, ignore_errors=True)  # an interrupted run starts again
+        log(f"  {trainer} N={n} seed={seed}: nnUNetv2_train ({len(labeled)} labeled / {len(prep.train)} train "
+            f"cases; log {logf})")
+        pipeline.train(cfg.dataset_id, trainer, prep.plans, 0, env, device=cfg.device, log=lambda *a: None,
+                       output_file=logf)
+    times["train_s"] = time.time() - t0
+    pred = os.path.join(folder, "predictions")
+    shutil.rmtree(pred, ignore_errors=True)
+    t1 = time.time()
+    pipeline.predict(cfg.dataset_id, trainer, prep.plans, 0, os.path.join(prep.raw, "imagesTs"), pred, env,
+                     device=cfg.device, log=lambda *a: None, output_file=logf,
+                     extra=["--disable_tta"] if cfg.budget.disable_tta else [])
+    times["predict_s"] = time.time() - t1
+    t2 = time.time()
+    summary = pipeline.evaluate(os.path.join(prep.raw, "labelsTs"), pred, os.path.join(prep.raw, "dataset.json"),
+                                os.path.join(prep.pre, f"{prep.plans}.json"), env, log=lambda *a: None,
+                                output_file=logf)
+    times["evaluate_s"] = time.time() - t2
+    load["end"] = _loadavg()
+    dice = pipeline.dice_from_summary(summary, prep.labels)
+    res = {"trainer": trainer, "num_labeled": n, "seed": seed, "labeled": labeled, "num_train": len(prep.train),
+           "num_val": len(prep.val), "num_test": len(prep.test), "budget": dataclasses.asdict(cfg.budget),
+           "plans": prep.plans, "checkpoint": "checkpoint_final.pth", "dice": dice, "wall_s": times,
+           "loadavg_1_5_15min": load,
+           "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    tmp = result_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, result_path)
+    log(f"  {trainer} N={n} seed={seed}: mean Dice {dice['mean']:.3f} ("
+        + ", ".join(f"{c} {dice[c]:.3f}" for c in prep.classes)
+        + f"); train {times['train_s']:.0f} s, predict {times['predict_s']:.0f} s, evaluate "
+          f"{times['evaluate_s']:.0f} s")
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info() -> dict:
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu_count": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
+            "python": platform.python_version()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    try:
+        info["loadavg_at_start"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list[dict], failures: list[dict],
+                 cost: dict | None, wall: dict, machine: dict, finished: bool) -> dict:
+    """Write results.md, results.json and the plot. `wall`: {"this_s", "total_s", "invocations"} (see WallClock)."""
+    from nnunet_contrastive.bench import report as R
+
+    os.makedirs(cfg.out, exist_ok=True)
+    rows = R.summarize(results, trainers, cfg.num_labeled, prep.classes, BASELINE) if results else []
+    staged = [t for t in trainers if two_stage(t)]
+    budget_text = cfg.budget.describe(staged)
+    md = ["# nnunet-contrastive benchmark: label efficiency and cost on MSD hippocampus", ""]
+    if cfg.quick:
+        md += ["**QUICK MODE: a smoke test of the benchmark's code path (tiny data, a few iterations). Its numbers "
+               "mean nothing.**", ""]
+    if not finished:
+        md += ["**Partial report: the benchmark has not finished (or some runs failed).**", ""]
+    md += [f"- command: `{cfg.command}`",
+           f"- machine: {machine.get('cpu_count')} CPU cores ({machine.get('cpu_model')}), device `{cfg.device}`, "
+           f"torch {machine.get('torch', '?')} with {machine.get('torch_threads', '?')} threads; load average at "
+           f"start {', '.join(f'{v:.2f}' for v in machine.get('loadavg_at_start', []))}",
+           f"- wall time: {wall['total_s'] / 60:.1f} min" + ("" if finished else " so far")
+           + (f" over {wall['invocations']} invocations of the command (resumed; this one {wall['this_s'] / 60:.1f} "
+              f"min)" if wall["invocations"] > 1 else "")
+           + " (preparation, cost measurements and all runs)",
+           f"- data: {cfg.data}: {len(prep.test)} held-out test volumes (moved to imagesTs/labelsTs before planning, "
+           f"seed {cfg.split_seed}); training pool {len(prep.train) + len(prep.val)} = {len(prep.train)} train + "
+           f"{len(prep.val)} validation volumes (one fold, our splits_final.json); labeled subsets drawn from the "
+           f"train cases with the run's seed",
+           f"- budget: {budget_text}",
+           f"- predictions: `nnUNetv2_predict` with checkpoint_final.pth"
+           + (" without test-time mirroring" if cfg.budget.disable_tta else " (test-time mirroring on)")
+           + "; scores: `nnUNetv2_evaluate_folder` (Dice per class, mean over test volumes)",
+           f"- seeds: {', '.join(map(str, cfg.seeds))} (mean ± sample std over seeds when more than one)"]
+    loads = [v[0] for r in results for v in (r.get("loadavg_1_5_15min") or {}).values() if v]
+    if loads:
+        md += [f"- machine load: the 1-min load average at the start / end of the runs ranged {min(loads):.1f} – "
+               f"{max(loads):.1f} on {machine.get('cpu_count')} cores (above {machine.get('cpu_count')}: other jobs "
+               f"shared the CPU and wall times are longer than on an idle machine)"]
+    md += [""]
+    if rows:
+        md += [f"## Label efficiency (held-out Dice; {budget_text})", "",
+               R.label_efficiency_markdown(rows, prep.classes, BASELINE, len(prep.train)), "",
+               f"gain = mean Dice − {BASELINE}'s at the same N (paired by seed); gap closed = (ours − few) / "
+               f"(full − few) with full = {BASELINE} with all {len(prep.train)} train cases labeled.", ""]
+    if failures:
+        md += ["Failed runs: " + "; ".join(f"{f['trainer']} N={f['num_labeled']} seed={f['seed']}: {f['error']}"
+                                          for f in failures), ""]
+    if cost:
+        md += ["## Cost per training iteration (same plans and batch, ratio to stock nnUNetTrainer)", "",
+               R.cost_markdown(cost["trainers"]), "",
+               "Median over the timed iterations after warm-up, one fresh process per row; s/it = "
+               "next(dataloader_train) + train_step (data augmentation in the same process, nnUNet_n_proc_DA=0); "
+               "peak RSS = ru_maxrss of that process (interpreter, torch and nnU-Net included).", ""]
+        if cost.get("loss"):
+            ref = cost["loss"]["step_reference"]
+            label = f"{ref['trainer']} step" + (f" (stage {ref['stage']})" if ref["stage"] else "")
+            md += ["## Contrastive loss alone (forward + backward, D = 256, 3 meta-labels, float32)", "",
+                   R.loss_markdown(cost["loss"]["rows"], label), "",
+                   f"Fractions are of the measured {label} at batch {ref['batch_size']} ({ref['step_s']:.3f} s, "
+                   f"the only step size measured here); the training-batch row is the loss as it runs inside that "
+                   f"step. Larger 2N would come with larger, slower steps, so their fractions are upper bounds.", ""]
+    md_text = "\n".join(md)
+    png = None
+    if rows:
+        png = R.plot_dice_vs_labeled(rows, trainers, BASELINE, len(prep.train),
+                                     os.path.join(cfg.out, "dice_vs_labeled.png"),
+                                     ("QUICK MODE, numbers mean nothing: " if cfg.quick else "")
+                                     + f"MSD hippocampus, {len(prep.test)} test volumes, "
+                                       f"{cfg.budget.total_iterations} it/run, {len(cfg.seeds)} seed(s)")
+        if png:
+            md_text += "\n![mean Dice vs labeled volumes](dice_vs_labeled.png)\n"
+    with open(os.path.join(cfg.out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(md_text)
+    out = {"quick": cfg.quick, "finished": finished, "command": cfg.command, "machine": machine,
+           "wall_s": wall["total_s"], "wall": wall,
+           "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "budget"},
+           "budget": {**dataclasses.asdict(cfg.budget), "total_iterations": cfg.budget.total_iterations,
+                      "description": budget_text},
+           "data": {"train": prep.train, "val": prep.val, "test": prep.test, "plans": prep.plans,
+                    "classes": prep.classes},
+           "trainers": trainers, "summary": rows, "runs": results, "failures": failures, "cost": cost,
+           "plot": png}
+    with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+class WallClock:
+    """Wall time of a benchmark summed over the invocations that built it (a resumed run is not 0 minutes):
+    one entry per invocation in `path`, updated as it goes."""
+
+    def __init__(self, path: str, t_start: float, command: str):
+        self.path, self.t_start = path, t_start
+        self.previous = []
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                self.previous = json.load(f)
+        self.entry = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)), "command": command,
+                      "wall_s": 0.0}
+
+    def update(self) -> dict:
+        self.entry["wall_s"] = time.time() - self.t_start
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as f:
+            json.dump(self.previous + [self.entry], f, indent=1)
+        return {"this_s": self.entry["wall_s"], "total_s": sum(e["wall_s"] for e in self.previous + [self.entry]),
+                "invocations": len(self.previous) + 1}
+
+
+def run_benchmark(cfg: Config, log=print) -> int:
+    """The whole benchmark; returns 0 when every run succeeded, 1 otherwise."""
+    from nnunet_contrastive.prep import pipeline
+    from nnunet_contrastive.bench.cost import STOCK, measure_costs
+
+    t_start = time.time()
+    machine = machine_info()
+
+    def step(msg):
+        log(f"[benchmark {time.time() - t_start:6.0f} s] {msg}")
+
+    cfg.data = check_data(cfg.data)
+    trainers = resolve_trainers(cfg.trainers)
+    check_budget(cfg.budget, trainers)
+    os.makedirs(cfg.workdir, exist_ok=True)
+    folders = pipeline.nnunet_folders(cfg.workdir)
+    os.environ.update({k: v for k, v in folders.items() if k != "nnUNet_results"})  # in-process steps
+    base_env = pipeline.small_machine_env(**folders)
+    step(f"{'QUICK MODE (numbers mean nothing); ' if cfg.quick else ''}trainers {trainers}, N {cfg.num_labeled}, "
+         f"seeds {cfg.seeds}; budget {cfg.budget.tag}; workdir {cfg.workdir}")
+    prep = prepare_data(cfg, base_env, log=step)
+    clock = WallClock(os.path.join(cfg.workdir, "runs", cfg.budget.tag, "invocations.json"), t_start, cfg.command)
+    check_meta_labels(trainers, prep)
+    too_many = [n for n in cfg.num_labeled if n != ALL and n > len(prep.train)]
+    if too_many:
+        raise BenchmarkError(f"--num-labeled {too_many}: the training set has only {len(prep.train)} cases.")
+
+    cost = None
+    if not cfg.skip_cost:
+        step(f"cost: {cfg.cost_warmup} warm-up + {cfg.cost_iterations} timed iterations per trainer and stage")
+        numeric = [n for n in cfg.num_labeled if n != ALL]
+        write_split(prep, min(numeric) if numeric else ALL, 0)  # stage 2 with unlabeled rows when possible
+        cost = measure_costs(
+            trainers, lambda tr, res: run_env(base_env, tr, cfg.budget, res) if tr != STOCK else
+            dict(base_env, nnUNet_results=res), prep.dataset, prep.plans, cfg.device, cfg.cost_warmup,
+            cfg.cost_iterations, cfg.loss_sizes, cfg.loss_reps,
+            os.path.join(cfg.workdir, "cost", cfg.budget.tag), log=step)
+
+    results, failures = [], []
+    if not cfg.skip_label_efficiency:
+        # the full-supervision baseline first: every "gap closed" needs it
+        order = sorted(cfg.num_labeled, key=lambda n: (0,) if n == ALL else (1, int(n)))
+        todo = [(tr, n, s) for s in cfg.seeds for n in order for tr in trainers]
+        for i, (tr, n, seed) in enumerate(todo, 1):
+            step(f"run {i}/{len(todo)}: {tr}, N={n}, seed {seed}")
+            try:
+                results.append(run_one(cfg, prep, base_env, tr, n, seed, log=step))
+            except (pipeline.CommandFailed, OSError) as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                step(f"  FAILED: {msg} (log {os.path.join(run_dir(cfg, tr, n, seed), 'log.txt')})")
+                failures.append({"trainer": tr, "num_labeled": n, "seed": seed, "error": msg})
+            write_report(cfg, prep, trainers, results, failures, cost, clock.update(), machine, finished=False)
+    machine["loadavg_at_end"] = _loadavg()
+    wall = clock.update()
+    out = write_report(cfg, prep, trainers, results, failures, cost, wall, machine, finished=not failures)
+    step(f"done in {wall['this_s'] / 60:.1f} min ({wall['total_s'] / 60:.1f} min over {wall['invocations']} "
+         f"invocation(s)): {os.path.join(cfg.out, 'results.md')}, results.json"
+         + (", dice_vs_labeled.png" if out["plot"] else ""))
+    if cfg.quick:
+        log("QUICK MODE: the numbers above only show that the benchmark runs; they mean nothing.")
+    return 1 if failures else 0
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    argv = sys.argv[1:] if argv is None else argv
+    return "nnunet-contrastive " + shlex.join(argv)

@@ -1,0 +1,201 @@
+"""`nnunet-contrastive benchmark`: table arithmetic against hand-computed numbers, input checks, and the --quick path
+end to end on the shared hippocampus data (slow; skipped when the data are absent)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+
+import pytest
+
+from nnunet_contrastive.bench import report as R
+from nnunet_contrastive.bench.benchmark import (BASELINE, Budget, BenchmarkError, check_budget, check_data,
+                                          parse_num_labeled, resolve_trainers)
+
+SP = "nnUNetTrainerSPCon"
+
+
+# ------------------------------------------------------------------------------------------------ arithmetic
+def test_mean_std_hand_computed():
+    assert R.mean_std([]) == (None, None)
+    assert R.mean_std([0.7]) == (0.7, None)  # one seed: no std
+    m, s = R.mean_std([1, 2, 3, 4])
+    assert m == 2.5 and math.isclose(s, math.sqrt(5 / 3))  # sample std, ddof = 1
+    m, s = R.mean_std([0.5, 0.6, 0.7])
+    assert math.isclose(m, 0.6) and math.isclose(s, 0.1)
+
+
+def test_gap_closed_hand_computed():
+    assert math.isclose(R.gap_closed(0.65, 0.60, 0.80), 0.25)
+    assert math.isclose(R.gap_closed(0.80, 0.60, 0.80), 1.0)
+    assert math.isclose(R.gap_closed(0.50, 0.60, 0.80), -0.5)  # worse than the baseline
+    assert math.isclose(R.gap_closed(0.90, 0.60, 0.80), 1.5)  # better than full supervision
+    assert R.gap_closed(0.7, 0.6, 0.6) is None  # no gap
+    assert R.gap_closed(0.7, 0.6, 0.5) is None  # "full" worse than few: meaningless
+    assert R.gap_closed(None, 0.6, 0.8) is None
+
+
+def _run(trainer, n, seed, a, p):
+    return {"trainer": trainer, "num_labeled": n, "seed": seed, "dice": {"A": a, "P": p, "mean": (a + p) / 2}}
+
+
+def _results():
+    # FewLabels N=1: means 0.50, 0.60, 0.70; all: 0.80 x3; SPCon N=1: 0.55, 0.70, 0.70; SPCon all: 0.82, 0.80
+    return [
+        _run(BASELINE, 1, 0, 0.40, 0.60), _run(BASELINE, 1, 1, 0.50, 0.70), _run(BASELINE, 1, 2, 0.60, 0.80),
+        _run(BASELINE, "all", 0, 0.80, 0.80), _run(BASELINE, "all", 1, 0.70, 0.90),
+        _run(BASELINE, "all", 2, 0.90, 0.70),
+        _run(SP, 1, 0, 0.50, 0.60), _run(SP, 1, 1, 0.60, 0.80), _run(SP, 1, 2, 0.70, 0.70),
+        _run(SP, "all", 0, 0.82, 0.82), _run(SP, "all", 1, 0.80, 0.80),
+    ]
+
+
+def test_summarize_hand_computed():
+    rows = R.summarize(_results(), [BASELINE, SP], [1, "all"], ["A", "P"], BASELINE)
+    by = {(r["trainer"], r["num_labeled"]): r for r in rows}
+    assert [(r["num_labeled"], r["trainer"]) for r in rows] == [(1, BASELINE), (1, SP), ("all", BASELINE),
+                                                               ("all", SP)]
+    few = by[(BASELINE, 1)]
+    assert few["n_seeds"] == 3 and few["seeds"] == [0, 1, 2]
+    assert math.isclose(few["dice"]["mean"]["mean"], 0.60) and math.isclose(few["dice"]["mean"]["std"], 0.10)
+    assert math.isclose(few["dice"]["A"]["mean"], 0.50) and math.isclose(few["dice"]["A"]["std"], 0.10)
+    assert few["gain"]["mean"] is None and few["gap_closed"] is None  # the reference itself
+    sp = by[(SP, 1)]
+    assert math.isclose(sp["dice"]["mean"]["mean"], 0.65)
+    assert math.isclose(sp["dice"]["mean"]["std"], math.sqrt(0.0075))  # deviations -0.1, 0.05, 0.05
+    assert math.isclose(sp["dice"]["P"]["mean"], 0.70) and math.isclose(sp["dice"]["P"]["std"], 0.10)
+    # paired gains 0.05, 0.10, 0.00 -> mean 0.05, std 0.05
+    assert math.isclose(sp["gain"]["mean"], 0.05) and math.isclose(sp["gain"]["std"], 0.05)
+    # gap closed = (0.65 - 0.60) / (0.80 - 0.60)
+    assert math.isclose(sp["gap_closed"], 0.25)
+    full = by[(BASELINE, "all")]
+    assert math.isclose(full["dice"]["mean"]["mean"], 0.80) and math.isclose(full["dice"]["mean"]["std"], 0.0,
+                                                                             abs_tol=1e-12)
+    assert math.isclose(full["dice"]["A"]["std"], 0.10)
+    sp_all = by[(SP, "all")]
+    # two seeds only: gain paired over seeds 0 and 1 (0.02, 0.00); no gap closed at N = all
+    assert sp_all["n_seeds"] == 2 and sp_all["gain"]["seeds"] == [0, 1]
+    assert math.isclose(sp_all["gain"]["mean"], 0.01) and math.isclose(sp_all["gain"]["std"], math.sqrt(0.0002))
+    assert sp_all["gap_closed"] is None
+
+
+def test_summarize_missing_runs_and_single_seed():
+    res = [_run(BASELINE, 2, 0, 0.5, 0.7), _run(SP, 2, 0, 0.6, 0.8)]
+    rows = R.summarize(res, [BASELINE, SP], [2, "all"], ["A", "P"], BASELINE)
+    sp = [r for r in rows if r["trainer"] == SP and r["num_labeled"] == 2][0]
+    assert sp["dice"]["mean"]["std"] is None  # one seed
+    assert math.isclose(sp["gain"]["mean"], 0.1) and sp["gain"]["std"] is None
+    assert sp["gap_closed"] is None  # no full-supervision run
+    missing = [r for r in rows if r["num_labeled"] == "all"]
+    assert all(r["n_seeds"] == 0 and r["dice"]["mean"]["mean"] is None for r in missing)
+
+
+def test_markdown_table_cells():
+    rows = R.summarize(_results(), [BASELINE, SP], [1, "all"], ["A", "P"], BASELINE)
+    md = R.label_efficiency_markdown(rows, ["A", "P"], BASELINE, num_train=156)
+    lines = md.splitlines()
+    assert lines[0] == (f"| N labeled | trainer | seeds | Dice A | Dice P | mean Dice | gain vs {BASELINE} | "
+                        f"gap closed |")
+    assert lines[2] == f"| 1 | {BASELINE} | 3 | 0.500 ± 0.100 | 0.700 ± 0.100 | 0.600 ± 0.100 | (reference) | — |"
+    assert lines[3] == f"| 1 | {SP} | 3 | 0.600 ± 0.100 | 0.700 ± 0.100 | 0.650 ± 0.087 | +0.050 ± 0.050 | 0.25 |"
+    assert lines[5].startswith(f"| all (156) | {SP} | 2 | 0.810 ± 0.014 |")
+    assert lines[5].endswith("| +0.010 ± 0.014 | — |")
+
+
+def test_plot_is_written_and_small(tmp_path):
+    rows = R.summarize(_results(), [BASELINE, SP], [1, "all"], ["A", "P"], BASELINE)
+    path = R.plot_dice_vs_labeled(rows, [BASELINE, SP], BASELINE, 156, str(tmp_path / "p.png"), "t")
+    assert path and os.path.getsize(path) < 200_000
+
+
+# ------------------------------------------------------------------------------------------------ input checks
+def test_parse_num_labeled():
+    assert parse_num_labeled(["all", "4", "1", "2", "4"]) == [1, 2, 4, "all"]
+    assert parse_num_labeled(["ALL"]) == ["all"]
+    for bad in (["0"], ["-1"], ["two"], ["1.5"], []):
+        with pytest.raises(BenchmarkError):
+            parse_num_labeled(bad)
+
+
+def test_resolve_trainers():
+    assert resolve_trainers(None) == [BASELINE, SP]
+    assert resolve_trainers([SP, "nnUNetTrainerMeanTeacher"]) == [BASELINE, SP, "nnUNetTrainerMeanTeacher"]
+    with pytest.raises(BenchmarkError, match="unknown trainer 'nnUNetTrainerNope'"):
+        resolve_trainers(["nnUNetTrainerNope"])
+    with pytest.raises(BenchmarkError, match="segments nothing"):
+        resolve_trainers(["nnUNetTrainerSPConPretrain"])
+
+
+def test_budget_statement_and_checks():
+    b = Budget(epochs=10, iterations=60, val_iterations=4, pretrain_epochs=2)
+    text = b.describe([SP])
+    assert b.total_iterations == 600
+    assert "10 epochs x 60 iterations = 600" in text and "2x60 = 120 contrastive pre-training + 8x60 = 480" in text
+    check_budget(b, [BASELINE, SP])
+    with pytest.raises(BenchmarkError, match="pretrain-epochs"):
+        check_budget(Budget(2, 5, 1, 2), [BASELINE, SP])
+    check_budget(Budget(2, 5, 1, 2), [BASELINE])  # no two-stage trainer: no constraint
+    with pytest.raises(BenchmarkError, match="--iterations"):
+        check_budget(Budget(2, 0, 1, 1), [BASELINE])
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(BenchmarkError, match="--data"):
+        check_data(str(tmp_path / "nowhere"))
+
+
+def test_cli_bad_input_exits_2(tmp_path):
+    from nnunet_contrastive.cli import main
+
+    wd = str(tmp_path / "wd")
+    assert main(["benchmark", "--workdir", wd, "--data", str(tmp_path / "nowhere")]) == 2
+    assert main(["benchmark", "--workdir", wd, "--trainers", "nnUNetTrainerNope"]) == 2
+    assert main(["benchmark", "--workdir", wd, "--num-labeled", "0"]) == 2
+    assert not os.path.exists(wd)  # nothing written on bad input
+
+
+# ------------------------------------------------------------------------------------------------ --quick
+@pytest.mark.slow
+def test_quick_benchmark_end_to_end(hippocampus_dir, tmp_path):
+    from conftest import cli_env
+    from nnunet_contrastive.prep.pipeline import console_script
+
+    wd = tmp_path / "bench"
+    env = cli_env({})
+    t0 = time.time()
+    out = subprocess.run([console_script("nnunet-contrastive"), "benchmark", "--quick", "--workdir", str(wd),
+                          "--data", hippocampus_dir], env=env, capture_output=True, text=True, timeout=600)
+    wall = time.time() - t0
+    assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    assert "QUICK MODE" in out.stdout and "mean nothing" in out.stdout
+    report = wd / "report"
+    md = (report / "results.md").read_text()
+    assert "QUICK MODE" in md and "mean nothing" in md
+    assert (report / "dice_vs_labeled.png").stat().st_size < 200_000
+    res = json.loads((report / "results.json").read_text())
+    assert res["quick"] and res["finished"] and not res["failures"]
+    setup = json.loads((wd / "benchmark_setup.json").read_text())
+    # the held-out test volumes are never in the training pool, and were never preprocessed
+    assert not set(setup["test"]) & set(setup["pool"])
+    pre = wd / "nnUNet_preprocessed" / "Dataset942_Hippocampus"
+    assert sorted(f[:-len(".nii.gz")] for f in os.listdir(pre / "gt_segmentations")) == sorted(setup["pool"])
+    runs = {(r["trainer"], r["num_labeled"]) for r in res["runs"]}
+    assert runs == {(BASELINE, 1), (BASELINE, "all"), (SP, 1), (SP, "all")}
+    for r in res["runs"]:
+        assert r["num_test"] == len(setup["test"]) and set(r["dice"]) == {"Anterior", "Posterior", "mean"}
+        assert len(r["labeled"]) == (1 if r["num_labeled"] == 1 else r["num_train"])
+    assert res["budget"]["total_iterations"] == res["budget"]["epochs"] * res["budget"]["iterations"]
+    stages = [(c["trainer"], c["stage"]) for c in res["cost"]["trainers"]]
+    assert stages == [("nnUNetTrainer", None), (BASELINE, None), (SP, 1), (SP, 2)]
+    assert res["cost"]["trainers"][0]["s_per_it_ratio"] == 1.0
+    assert all(r["max_abs_diff"] < 1e-4 for r in res["cost"]["loss"]["rows"])
+    # resuming: a second invocation skips every finished run and measurement
+    out2 = subprocess.run([console_script("nnunet-contrastive"), "benchmark", "--quick", "--workdir", str(wd),
+                           "--data", hippocampus_dir], env=env, capture_output=True, text=True, timeout=300)
+    assert out2.returncode == 0, out2.stdout[-3000:] + out2.stderr[-3000:]
+    assert out2.stdout.count("skipped") == 4 and "nnUNetv2_train" not in out2.stdout
+    res2 = json.loads((report / "results.json").read_text())
+    assert res2["wall"]["invocations"] == 2 and res2["wall"]["total_s"] >= res["wall"]["total_s"]
+    print(f"quick benchmark: {wall:.0f} s")
