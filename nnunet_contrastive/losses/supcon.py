@@ -41,6 +41,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from nnunet_contrastive.losses.core import info_nce_from_log_prob, label_positive_mask, masked_log_softmax, \
+    similarity
+
 __all__ = [
     "DEFAULT_TEMPERATURE",
     "WEIGHTING_MODES",
@@ -49,6 +52,7 @@ __all__ = [
     "pair_loss_matrix",
     "self_paced_weights",
     "SelfPacedSupConLoss",
+    "SelfPacedWeight",
 ]
 
 DEFAULT_TEMPERATURE = 0.07
@@ -223,16 +227,12 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def _log_prob(z1: Tensor, z2: Tensor, temperature: float, normalize: bool) -> Tensor:
-    """(2N, 2N) ``log p_ij`` (Eq. 2) from one similarity matrix; the diagonal holds a finite, meaningless value.
-    Must be called with autocast disabled."""
-    dtype = _compute_dtype(z1, z2)
-    z = torch.cat([z1, z2], dim=0).to(dtype)
-    if normalize:
-        z = nn.functional.normalize(z, p=2.0, dim=1)
-    logits = z @ z.T / temperature
+    """(2N, 2N) ``log p_ij`` (Eq. 2) from one similarity matrix (the contrastive core's); the diagonal holds a
+    finite, meaningless value. Must be called with autocast disabled."""
+    z = torch.cat([z1, z2], dim=0)
+    logits = similarity(z, z, temperature, normalize)
     eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
-    lse = torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=1, keepdim=True)
-    return logits - lse
+    return masked_log_softmax(logits, ~eye)
 
 
 def _no_autocast(device: torch.device):
@@ -263,6 +263,22 @@ def self_paced_weights(pair_loss: Tensor, gamma: Union[float, Tensor, None], wei
     else:
         w = torch.clamp(1.0 - loss / gamma, min=0.0)  # gamma = inf gives 1 - 0 = 1
     return w.detach()
+
+
+class SelfPacedWeight:
+    """Self-paced weights (Eq. 7) as the contrastive core's injected ``weight_fn(pair_loss, pos_mask)``.
+
+    ``gammas``: one pace per leading mask dim (M meta-labels; inf = no pacing for that one), ``weighting``:
+    ``"hard"`` or ``"linear"``. Returns detached weights on positives, 0 elsewhere.
+    """
+
+    def __init__(self, gammas: Sequence[float], weighting: str = "linear"):
+        self.gammas = [float(g) for g in gammas]
+        self.weighting = _check_weighting(weighting)
+
+    def __call__(self, pair_loss: Tensor, pos_mask: Tensor) -> Tensor:
+        g = torch.tensor(self.gammas, dtype=pair_loss.dtype, device=pair_loss.device).view(-1, 1, 1)
+        return self_paced_weights(pair_loss, g, self.weighting) * pos_mask
 
 
 def pair_loss_matrix(z1: Tensor, z2: Tensor, temperature: float = DEFAULT_TEMPERATURE, *,
@@ -324,24 +340,17 @@ def supcon_loss(z1: Tensor, z2: Tensor, labels: Optional[Tensor] = None, *,
         log_prob = _log_prob(z1, z2, temperature, normalize)  # (2N, 2N), the one similarity matrix
         dtype, device = log_prob.dtype, log_prob.device
         two_n = 2 * n
+        labels2 = labels2.to(device)
 
-        # positives: same label on both views, self excluded -> (M, 2N, 2N) boolean
-        lab = torch.cat([labels2, labels2], dim=0).T  # (M, 2N)
-        eye = torch.eye(two_n, dtype=torch.bool, device=device)
-        pos = (lab.unsqueeze(2) == lab.unsqueeze(1)) & ~eye  # the other view is included: it has the same labels
+        pos = label_positive_mask(labels2, views=2)  # (M, 2N, 2N): same label, self excluded; other view included
         num_pos = pos.sum(dim=2)  # (M, 2N), >= 1 for N >= 1 (the other view)
 
-        # self-paced weights from the detached per-pair loss (Eq. 7), only on positive pairs
-        if all(math.isinf(g) for g in gammas):
-            weights = pos.to(dtype)
-        else:
-            g = torch.tensor(gammas, dtype=dtype, device=device).view(m, 1, 1)
-            weights = self_paced_weights(-log_prob.detach().unsqueeze(0), g, mode) * pos
-
-        # L^k = -1/(2N) sum_i 1/|P(i)| sum_{j in P(i)} w_ij log p_ij ; where() keeps the diagonal out entirely
-        weighted = torch.where(pos, weights * log_prob.unsqueeze(0), torch.zeros((), dtype=dtype, device=device))
-        per_anchor = weighted.sum(dim=2) / num_pos.to(dtype)  # (M, 2N)
-        per_label = -per_anchor.mean(dim=1)  # (M,)
+        # self-paced weights from the detached per-pair loss (Eq. 7), injected into the core as a weight function
+        weight_fn = None if all(math.isinf(g) for g in gammas) else SelfPacedWeight(gammas, mode)
+        weights = None if weight_fn is None else weight_fn(-log_prob.detach().unsqueeze(0), pos)
+        out = info_nce_from_log_prob(log_prob.unsqueeze(0).expand(m, two_n, two_n), pos, weights)
+        weights = out.weights
+        per_label = out.loss  # (M,) L^k = -1/(2N) sum_i 1/|P(i)| sum_{j in P(i)} w_ij log p_ij
         lam = torch.tensor(lambdas, dtype=dtype, device=device)
         loss = (lam * per_label).sum()
 
