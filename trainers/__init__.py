@@ -10,10 +10,12 @@ from nnunet_contrastive.trainers.spcon import (nnUNetTrainerSPCon, nnUNetTrainer
                                                nnUNetTrainerSPConPatient, nnUNetTrainerSPConPhase,
                                                nnUNetTrainerSPConPosition, nnUNetTrainerSPConPretrain,
                                                nnUNetTrainerSPConSemiOnly)
+from nnunet_contrastive.trainers.staged import nnUNetTrainerStaged
 from nnunet_contrastive.trainers.unsup_con import nnUNetTrainerUnsupCon
 
 __all__ = [
     "nnUNetTrainerContrastiveBase",
+    "nnUNetTrainerStaged",
     "nnUNetTrainerFewLabels",
     "nnUNetTrainerSPCon",
     "nnUNetTrainerSPConPretrain",

@@ -176,7 +176,7 @@ def parse_num_labeled(values) -> list:
 def available_trainers() -> list[str]:
     import nnunet_contrastive.trainers as T
 
-    return [t for t in T.__all__ if t != "nnUNetTrainerContrastiveBase"]
+    return [t for t in T.__all__ if t not in ("nnUNetTrainerContrastiveBase", "nnUNetTrainerStaged")]
 
 
 def resolve_trainers(names: list[str] | None) -> list[str]:
@@ -186,17 +186,30 @@ def resolve_trainers(names: list[str] | None) -> list[str]:
     for n in names:
         if n not in known:
             raise BenchmarkError(f"unknown trainer '{n}'. Choose from: {', '.join(known)}.")
-        if n == "nnUNetTrainerSPConPretrain":
-            raise BenchmarkError("nnUNetTrainerSPConPretrain only pre-trains the encoder (its decoder is untrained): "
-                                 "it segments nothing and cannot be benchmarked. Use nnUNetTrainerSPCon.")
+        if pretraining_only(n):
+            raise BenchmarkError(f"{n} only pre-trains (its decoder is untrained): it segments nothing and cannot be "
+                                 f"benchmarked. Use the trainer that fine-tunes after that pre-training.")
     out = [BASELINE] + [n for n in names if n != BASELINE]
     return list(dict.fromkeys(out))
 
 
 def two_stage(trainer: str) -> bool:
-    from nnunet_contrastive.bench.cost import trainer_stages
+    """A trainer with a label-free pre-training stage followed by a training stage (read from its declaration)."""
+    from nnunet_contrastive.bench.cost import trainer_class
 
-    return trainer_stages(trainer) == [1, 2]
+    cls = trainer_class(trainer)
+    if not hasattr(cls, "stage_plan"):
+        return False
+    stages = cls.stage_plan(environ={}).stages
+    return any(s.pretraining for s in stages) and not stages[-1].pretraining
+
+
+def pretraining_only(trainer: str) -> bool:
+    """A trainer whose last stage is label-free pre-training: its decoder is untrained, it segments nothing."""
+    from nnunet_contrastive.bench.cost import trainer_class
+
+    cls = trainer_class(trainer)
+    return hasattr(cls, "stage_plan") and cls.stage_plan(environ={}).stages[-1].pretraining
 
 
 def check_budget(b: Budget, trainers: list[str]) -> None:
@@ -215,14 +228,14 @@ def check_meta_labels(trainers: list[str], prep: "Prepared") -> None:
     before any training, instead of at the start of their runs."""
     from nnunet_contrastive.bench.cost import trainer_class
     from nnunet_contrastive.data.metadata import load_dataset_json, read_metadata
-    from nnunet_contrastive.trainers.spcon import PARTITION, nnUNetTrainerSPCon
+    from nnunet_contrastive.data.meta_labels import PARTITION
 
     table = read_metadata(prep.raw, load_dataset_json(prep.raw))
     available = [PARTITION] + table.available_meta_labels()
     for t in trainers:
         cls = trainer_class(t)
-        if issubclass(cls, nnUNetTrainerSPCon):
-            missing = [m for m in cls.required_meta_labels if m not in available]
+        if getattr(cls, "meta_labels", ()):
+            missing = [m for m in getattr(cls, "required_meta_labels", ()) if m not in available]
             if missing:
                 raise BenchmarkError(f"{t} needs meta-label(s) {missing}, which the hippocampus data do not have "
                                      f"(available: {available}). Leave it out of --trainers.")

@@ -9,7 +9,7 @@ augmentation runs in the same process), `initialize()` and `on_train_start()` ru
 `warmup` + `iterations` training iterations: `batch = next(trainer.dataloader_train)` then
 `trainer.train_step(batch)`. Reported: median wall time per iteration (load + step, what an nnU-Net epoch spends per
 iteration) and median of the step alone, over the timed iterations. Two-stage trainers (nnUNetTrainerSPCon, ...)
-are measured once per stage (stage 2 by starting at epoch = pretrain_epochs).
+are measured once per stage of their declared plan (each by starting at that stage's first epoch).
 
 The loss measurement times `supcon_loss` against the slow per-meta-label reference `per_label_loop_supcon` on random
 embeddings (forward + backward, float32, the trainer's temperature, self-paced gammas and meta-label weights).
@@ -59,8 +59,8 @@ def measure_trainer(spec: dict) -> dict:
         # found by name and built as nnUNetv2_train does (our trainers through nnUNet_extTrainer)
         trainer = get_trainer_from_args(spec["dataset"], "2d", 0, spec["trainer"], spec["plans"], False, device)
         trainer.initialize()
-        if spec.get("stage") == 2:
-            trainer.current_epoch = int(trainer.pretrain_epochs)
+        if spec.get("stage") is not None:  # the first epoch of that stage of the trainer's own plan
+            trainer.current_epoch = int(trainer.plan.starts[int(spec["stage"]) - 1])
         trainer.on_train_start()
         trainer.on_epoch_start()
         trainer.on_train_epoch_start()
@@ -171,15 +171,13 @@ def run_worker(kind: str, spec: dict, env: dict, log_file: str, timeout: float |
 
 
 def trainer_stages(name: str) -> list[int | None]:
-    """[None] for one-stage trainers, [1, 2] for two-stage ones, [2] for stage-2-only SPCon variants."""
+    """[None] for one-stage trainers (stock loop), else the 1-based stages of the trainer's declared plan."""
     cls = trainer_class(name)
-    from nnunet_contrastive.trainers.spcon import nnUNetTrainerSPCon
-
-    if not issubclass(cls, nnUNetTrainerSPCon):
+    plan = getattr(cls, "stage_plan", None)
+    if plan is None:
         return [None]
-    if cls.pretrain_only:
-        return [1]
-    return [1, 2] if cls.pretrain_epochs > 0 else [2]
+    stages = plan(environ={}).stages
+    return [None] if len(stages) == 1 and not hasattr(cls, "build_terms") else list(range(1, len(stages) + 1))
 
 
 def measure_costs(trainers: list[str], env_for, dataset: str, plans: str, device: str, warmup: int, iterations: int,

@@ -340,3 +340,21 @@ def random_flip(x: torch.Tensor, generator: Optional[torch.Generator] = None, p:
     draws = torch.rand(len(candidates), generator=generator)
     chosen = tuple(d for d, r in zip(candidates, draws.tolist()) if r < p)
     return flip_batch(x, chosen), chosen
+
+
+def decay_for_horizon(iterations: int, decay: float = 0.999, window_fraction: float = 0.05) -> float:
+    """EMA decay that fits a stage of ``iterations`` updates: ``min(decay, 1 - 1 / (window_fraction * iterations))``.
+
+    An EMA with decay alpha averages over about ``1 / (1 - alpha)`` recent updates. With ``decay`` 0.999 (the
+    authors' value, made for tens of thousands of updates) and a short stage (e.g. 800 updates), the warm-up
+    ``min(1 - 1/(t+1), alpha)`` never reaches alpha and the teacher is the plain average of every iterate since the
+    start, the random decoder included. Capping the window at ``window_fraction`` of the stage keeps the teacher a
+    recent average: 800 updates and 0.05 give a window of 40 updates (alpha 0.975); 250 000 updates keep 0.999.
+    The window is at least 2 updates.
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if not 0 < window_fraction <= 1:
+        raise ValueError(f"window_fraction must be in (0, 1], got {window_fraction}")
+    window = max(2.0, window_fraction * iterations)
+    return float(min(decay, 1.0 - 1.0 / window))

@@ -17,6 +17,8 @@ Batch (B = batch_size samples; labeled samples first, then unlabeled ones)
     partition       int64 (B,)   floor(slice_index * K / num_slices) (nnunet_contrastive.data.slices); -1 if K is None
     meta_labels     int64 (B, M) dataset-wide integer ids (MetadataTable.encoded) of the M meta-label columns
     meta_label_names list[str] (M,)
+    contrastive_labels int64 (B, M') only with `contrastive_labels` names: the resolved meta-labels of the loss, in
+                    order (partition, table columns, patient = case without a column); contrastive_label_names
     labeled         bool (B,)
     data_view2, target_view2   only with two_views=True: a second augmentation of the same sampled slice and crop
 
@@ -82,6 +84,8 @@ from threadpoolctl import threadpool_limits
 from nnunet_contrastive.data import slices as S
 from nnunet_contrastive.prep.preprocess_unlabeled import UNLABELED_SUFFIX
 from nnunet_contrastive.data.metadata import METADATA_FILENAME, MetadataError, MetadataTable, read_metadata
+from nnunet_contrastive.data.meta_labels import PARTITION, MetaLabelError, label_tensor
+from nnunet_contrastive.data.metadata import PATIENT_COLUMN
 
 SAMPLING_MODES = ("random", "partition")
 SPATIAL_TRANSFORM_TYPES: tuple[type, ...] = (SpatialTransform, MirrorTransform)
@@ -207,7 +211,7 @@ class SliceAwareDataLoader(nnUNetDataLoader):
                  unlabeled: Sequence[nnUNetBaseDataset] = (), num_unlabeled: int = 0, sampling: str = "random",
                  num_partitions: int | None = 3, two_views: bool = False, share_spatial: bool = False,
                  metadata: MetadataTable | None = None, meta_label_columns: Sequence[str] | None = None,
-                 unlabeled_target_value: int | None = None,
+                 unlabeled_target_value: int | None = None, contrastive_labels: Sequence[str] = (),
                  spatial_transform_types: tuple[type, ...] = SPATIAL_TRANSFORM_TYPES, validate: bool = True):
         if len(patch_size) != 2 or len(final_patch_size) != 2:
             raise ValueError(f"SliceAwareDataLoader is for 2d configurations: patch_size must be (y, x), got "
@@ -276,6 +280,16 @@ class SliceAwareDataLoader(nnUNetDataLoader):
                 enc = metadata.encoded(col)
                 for c in all_cases:
                     self._meta[c].append(enc[c])
+
+        # ---- the (N, M) meta-label tensor of the contrastive loss, in the resolved order (data.meta_labels)
+        self.contrastive_label_names = list(contrastive_labels)
+        unknown = [m for m in self.contrastive_label_names
+                   if m not in (PARTITION, PATIENT_COLUMN) and m not in self.meta_label_names]
+        if unknown:
+            raise MetaLabelError(f"contrastive meta-label(s) {unknown} are not columns of this loader's metadata "
+                                 f"({self.meta_label_names}).")
+        if PARTITION in self.contrastive_label_names and num_partitions is None:
+            raise ValueError("the 'partition' meta-label needs num_partitions.")
 
         # ---- targets of unlabeled samples
         if unlabeled_target_value is None:
@@ -455,6 +469,10 @@ class SliceAwareDataLoader(nnUNetDataLoader):
             "meta_label_names": list(self.meta_label_names),
             "labeled": torch.tensor(labeled_flags, dtype=torch.bool),
         }
+        if self.contrastive_label_names:
+            batch["contrastive_labels"] = label_tensor(self.contrastive_label_names, keys, batch["partition"],
+                                                       batch["meta_labels"], self.meta_label_names)
+            batch["contrastive_label_names"] = list(self.contrastive_label_names)
         if self.two_views:
             batch["data_view2"], batch["target_view2"] = images[1], targets[1]
         return batch
@@ -536,7 +554,8 @@ def build_semi_dataloaders(trainer, *, sampling: str = "random", num_labeled: in
                            unlabeled_folder: str | None = None, use_unlabeled_folder: bool = True,
                            metadata: MetadataTable | None = None, meta_label_columns: Sequence[str] | None = None,
                            unlabeled_target_value: int | None = None, val_num_partitions: int | None = None,
-                           split: tuple[Sequence[str], Sequence[str]] | None = None, start: bool = True):
+                           split: tuple[Sequence[str], Sequence[str]] | None = None, start: bool = True,
+                           contrastive_labels: Sequence[str] = ()):
     """(train_loader, val_loader) for an overridden ``get_dataloaders()``, built and wrapped like nnU-Net's.
 
     Transforms come from the trainer's own (static) ``get_training_transforms`` / ``get_validation_transforms``
@@ -551,7 +570,8 @@ def build_semi_dataloaders(trainer, *, sampling: str = "random", num_labeled: in
     `use_unlabeled_folder`). Validation: the fold's validation cases, random sampling, one view,
     labeled only, with slice positions and meta-labels (partitions with `val_num_partitions`, default
     `num_partitions`). Meta-labels: `metadata` or the dataset's metadata.csv (`find_metadata`); without a table
-    `meta_labels` has M=0 columns. `start=False` returns the unwrapped loaders (tests, benchmarks).
+    `meta_labels` has M=0 columns. `contrastive_labels` (resolved meta-label names, nnunet_contrastive.data.meta_labels)
+    makes training batches carry `contrastive_labels` (N, M) int64 in that order. `start=False` returns the unwrapped loaders (tests, benchmarks).
     """
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
@@ -589,7 +609,8 @@ def build_semi_dataloaders(trainer, *, sampling: str = "random", num_labeled: in
     dl_tr = SliceAwareDataLoader(
         dataset_tr, num_labeled + num_unlabeled, initial_patch_size, patch_size, transforms=tr_transforms,
         unlabeled=unlabeled, num_unlabeled=num_unlabeled, sampling=sampling, num_partitions=num_partitions,
-        two_views=two_views, share_spatial=share_spatial, unlabeled_target_value=unlabeled_target_value, **common)
+        two_views=two_views, share_spatial=share_spatial, unlabeled_target_value=unlabeled_target_value,
+        contrastive_labels=contrastive_labels, **common)
     dl_val = SliceAwareDataLoader(
         dataset_val, batch_size, patch_size, patch_size, transforms=val_transforms, sampling="random",
         num_partitions=num_partitions if val_num_partitions is None else val_num_partitions, **common)

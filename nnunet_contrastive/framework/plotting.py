@@ -1,4 +1,4 @@
-"""progress_contrastive.png: the contrastive and Mean-Teacher curves next to nnU-Net's progress.png."""
+"""progress_contrastive.png beside nnU-Net's progress.png: one panel per loss term, every stat it logged, by name."""
 from __future__ import annotations
 
 import math
@@ -14,30 +14,27 @@ def _series(log: dict, key: str, n: int) -> list[float]:
     return values + [math.nan] * (n - len(values))
 
 
-def plot_contrastive_progress(log: dict, path: str, meta_labels) -> None:
-    """Per epoch: SP-con loss per meta-label, gamma, self-paced weights (mean, fraction non-zero), MT loss/weight."""
+def plot_term_progress(log: dict, term_keys: dict, path: str) -> None:
+    """``term_keys``: term name -> the stat keys it logged (the trainer records them as they appear). Stage
+    switches (the logged ``stage`` changes) are drawn as dotted lines."""
     n = len(log.get("train_losses", []))
-    if n == 0:
+    if n == 0 or not term_keys:
         return
     x = list(range(n))
-    fig, axes = plt.subplots(4, 1, figsize=(12, 14), sharex=True)
-    for m in meta_labels:
-        axes[0].plot(x, _series(log, f"sp_loss_{m}", n), label=f"SP-con loss {m}")
-        axes[1].plot(x, _series(log, f"gamma_{m}", n), label=f"gamma {m}")
-        axes[2].plot(x, _series(log, f"w_mean_{m}", n), label=f"mean weight {m}")
-        axes[2].plot(x, _series(log, f"w_nonzero_{m}", n), ls="--", label=f"fraction w>0 {m}")
-    axes[0].plot(x, _series(log, "sp_loss", n), color="k", lw=2, label="SP-con total")
-    axes[3].plot(x, _series(log, "mt_loss", n), label="MT loss")
-    axes[3].plot(x, _series(log, "mt_weight", n), label="MT weight")
-    axes[3].plot(x, _series(log, "sup_loss", n), label="supervised loss (stage 2)")
     stage = _series(log, "stage", n)
-    switch = next((i for i, s in enumerate(stage) if s == 2.0), None)
-    for ax, title in zip(axes, ("contrastive loss", "gamma (Eq. 16)", "self-paced weights", "Mean Teacher")):
-        if switch is not None:
-            ax.axvline(switch, color="grey", ls=":", label="stage 2")
-        ax.set_title(title)
+    switches = [i for i in range(1, n) if stage[i] != stage[i - 1] and not math.isnan(stage[i])]
+    fig, axes = plt.subplots(len(term_keys), 1, figsize=(12, 3.5 * len(term_keys)), sharex=True, squeeze=False)
+    for ax, (term, keys) in zip(axes[:, 0], term_keys.items()):
+        for key in keys:
+            values = _series(log, key, n)
+            if all(math.isnan(v) or math.isinf(v) for v in values):
+                continue
+            ax.plot(x, values, label=key, lw=2 if key == f"{term}_loss" else 1)
+        for s in switches:
+            ax.axvline(s, color="grey", ls=":")
+        ax.set_title(f"term '{term}'")
         ax.legend(loc="best", fontsize=8)
-    axes[-1].set_xlabel("epoch")
+    axes[-1, 0].set_xlabel("epoch (dotted: stage switch)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

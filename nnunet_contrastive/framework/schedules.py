@@ -172,3 +172,23 @@ def paper_pair_loss_bounds(batch_size: int, temperature: float) -> PairLossBound
     n, tau = _check_bounds_args(batch_size, temperature)
     lower = -math.inf if n == 1 else math.log(2 * (n - 1)) - 2.0 / tau
     return PairLossBounds(lower, math.log(2 * n) + 2.0 / tau)
+
+
+class SigmoidRampup:
+    """A term weight that ramps up over the first ``fraction`` of a stage: ``scale * exp(-5 (1 - t)^2)`` with
+    ``t = min(progress / fraction, 1)`` (Laine & Aila 2017; 1 from ``progress >= fraction``; ``fraction = 0``: always
+    ``scale``). Called with the fractional stage progress, so it steps every iteration."""
+
+    def __init__(self, scale: float = 1.0, fraction: float = 0.2):
+        self.scale = _real("scale", scale)
+        self.fraction = _real("fraction", fraction)
+        if self.fraction < 0:
+            raise ValueError(f"fraction must be >= 0, got {fraction!r}")
+
+    def __call__(self, progress: float) -> float:
+        from nnunet_contrastive.components.teacher import sigmoid_rampup
+
+        return self.scale * sigmoid_rampup(progress, self.fraction)
+
+    def __repr__(self) -> str:
+        return f"SigmoidRampup(scale={self.scale}, fraction={self.fraction})"

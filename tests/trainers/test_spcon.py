@@ -51,8 +51,8 @@ def test_spcon_cli_train_predict_evaluate_student_and_teacher(phantom_prepared):
     ckpt = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     extra = ckpt["nnunet_contrastive"]
     assert extra["active_meta_labels"] == ["partition", "patient", "phase"]
-    assert {"projection_head", "teacher"} <= set(extra)
-    assert not any(k.startswith(("projection_head", "teacher")) for k in ckpt["network_weights"])
+    assert extra["teacher"] and any(k.startswith("sp.head.") for k in extra["terms"])  # head and teacher beside
+    assert not any(k.startswith(("sp.", "head", "projection_head", "teacher")) for k in ckpt["network_weights"])
     teacher = torch.load(os.path.join(fold, "checkpoint_teacher.pth"), map_location="cpu", weights_only=False)
     assert teacher["network_weights"].keys() == ckpt["network_weights"].keys()
     assert any(not torch.equal(teacher["network_weights"][k], ckpt["network_weights"][k])
@@ -60,9 +60,11 @@ def test_spcon_cli_train_predict_evaluate_student_and_teacher(phantom_prepared):
     log = ckpt["logging"]
     assert log["stage"] == [1.0, 2.0, 2.0, 2.0]
     # gamma (Eq. 16, p = 0.5) as a multiple of the largest pair loss: stage 1 has 6 samples (2 volumes x 3
-    # partitions of the batch of 8), stage 2 the 4 unlabeled rows added to the 8 labeled ones
+    # partitions of the batch of 8), stage 2 the 4 unlabeled rows added to the 8 labeled ones. gamma steps every
+    # iteration (10 per epoch): the logged value is the epoch mean
     frac = lambda t, length: 0.15 + (1.8 - 0.15) * (t / length) ** 0.5  # noqa: E731
-    expected = [frac(0, 1) * _l_max(6, 0.07)] + [frac(t, 3) * _l_max(4, 0.07) for t in range(3)]
+    mean_frac = lambda e, length: sum(frac(e + i / 10, length) for i in range(10)) / 10  # noqa: E731
+    expected = [mean_frac(0, 1) * _l_max(6, 0.07)] + [mean_frac(t, 3) * _l_max(4, 0.07) for t in range(3)]
     assert log["gamma_partition"] == pytest.approx(expected, rel=1e-6)
     assert all(0 <= w <= 1 for w in log["w_mean_partition"])
     assert log["mt_weight"][1] < log["mt_weight"][3]  # ramp-up
@@ -139,9 +141,11 @@ def test_resume_restores_stage_gamma_teacher_head_and_optimizer(in_process):
         assert ka == kb
         assert (va == vb) if not torch.is_tensor(va) else torch.equal(va, vb), ka
     assert b.teacher.num_updates == a.teacher.num_updates > 0
-    for va, vb in zip(a.projection_head.state_dict().values(), b.projection_head.state_dict().values()):
+    for va, vb in zip(a.terms["sp"].head.state_dict().values(), b.terms["sp"].head.state_dict().values()):
         assert torch.equal(va, vb)
-    assert b._gammas(4) == a._gammas(4)
+    names = b.active_meta_labels
+    assert b.progress() == a.plan.progress(3.0)  # schedules are functions of (epoch, iteration)
+    assert b.terms["sp"].gammas(names, 4, b.progress()) == a.terms["sp"].gammas(names, 4, a.plan.progress(3.0))
     assert b.active_meta_labels == a.active_meta_labels
     sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"])

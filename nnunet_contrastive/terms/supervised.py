@@ -1,0 +1,28 @@
+"""nnU-Net's supervised loss (Dice + CE with deep supervision, the trainer's ``self.loss``) on labeled rows."""
+from __future__ import annotations
+
+from nnunet_contrastive.terms.base import LossTerm
+
+__all__ = ["SupervisedTerm"]
+
+
+class SupervisedTerm(LossTerm):
+    """``loss_fn(outputs[rows], target[rows])`` on the student's view-1 pass; ``loss_fn`` defaults to nnU-Net's loss
+    (DeepSupervisionWrapper(DC_and_CE_loss)) of the trainer, so ignore labels and regions work as in nnU-Net."""
+
+    def __init__(self, loss_fn=None):
+        super().__init__()
+        self.loss_fn = loss_fn  # None: the trainer's self.loss (built by nnU-Net after the optimizer)
+
+    def forward(self, ctx, rows: str = "labeled"):
+        if ctx.num_rows(rows) == 0:
+            return None
+        f = ctx.forward("student", 0)
+        idx = ctx.rows(rows)
+        out, target = f.outputs, ctx.target(rows)
+        if isinstance(out, (list, tuple)):
+            out = list(out) if idx is None else [o[idx] for o in out]
+        elif idx is not None:
+            out = out[idx]
+        loss_fn = self.loss_fn if self.loss_fn is not None else ctx.trainer.loss
+        return loss_fn(out, target), {}

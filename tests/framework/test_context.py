@@ -1,0 +1,58 @@
+"""The step context: terms that need the same features share one forward pass; flips are undone."""
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+from nnunet_contrastive.framework.context import StepContext
+
+
+def _net():
+    torch.manual_seed(0)
+    return PlainConvUNet(1, 3, (8, 16, 32), torch.nn.Conv2d, 3, (1, 2, 2), 2, 3, (2, 2), True,
+                         torch.nn.InstanceNorm2d, {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU,
+                         {"inplace": True}, deep_supervision=True)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return {"data": torch.randn(4, 1, 16, 16, generator=g), "data_view2": torch.randn(4, 1, 16, 16, generator=g),
+            "labeled": torch.tensor([True, True, False, False])}
+
+
+def test_two_terms_reading_the_same_features_cost_one_forward_pass():
+    net = _net()
+    calls = []
+    net.encoder.register_forward_hook(lambda *a: calls.append(1))
+    ctx = StepContext(_batch(), torch.device("cpu"), net)
+    sup = ctx.forward("student", 0).logits  # a supervised term: full pass over all rows
+    unl = ctx.forward("student", 0, "unlabeled", encoder_only=True).bottleneck  # a contrastive term: subset
+    again = ctx.forward("student", 0, "labeled").logits
+    assert len(calls) == 1 and ctx.forward_calls == 1
+    torch.testing.assert_close(unl, ctx.forward("student", 0).bottleneck[2:])
+    torch.testing.assert_close(again, sup[:2])
+    ctx.forward("student", 1, "unlabeled", encoder_only=True)  # another view: one more pass ...
+    ctx.forward("student", 1, "unlabeled")  # ... whose decoder reuses the cached encoder output
+    assert len(calls) == 2
+
+
+def test_student_flip_is_undone_on_outputs_and_taps():
+    net = _net().eval()
+    batch = _batch()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):  # draws until a flip happens
+        ctx = StepContext(batch, torch.device("cpu"), net, flip_generator=gen)
+        f = ctx.forward("student", 0)
+        if ctx._flip_dims:
+            break
+    dims = ctx._flip_dims
+    assert dims
+    with torch.no_grad():
+        direct = net(torch.flip(batch["data"], dims))
+    torch.testing.assert_close(f.logits, torch.flip(direct[0], dims))
+    assert f.decoder[-1].shape[-2:] == (16, 16)
+
+
+def test_teacher_pass_has_no_gradient():
+    net, teacher = _net(), _net()
+    ctx = StepContext(_batch(), torch.device("cpu"), net, teacher=teacher)
+    assert ctx.forward("student", 0).logits.requires_grad
+    assert not ctx.forward("teacher", 1, "unlabeled").logits.requires_grad
