@@ -41,15 +41,18 @@ Behaviour common to the three samplers
 * Unbiasedness: whenever ``count = n``, every valid pixel has the same inclusion probability ``n / |P|`` under all
   three samplers, so the plain sample mean ``H_hat`` is an exactly unbiased estimator of ``H`` for every ``h``
   (and equals ``H`` when all pixels are returned). For SG/SAG this needs exactly proportional allocation in
-  expectation, which the default ``allocation="systematic"`` rounding gives (see :func:`allocate_systematic`);
-  the deterministic ``"largest_remainder"`` rule keeps every cell within one sample of its proportional share
-  but is then only approximately unbiased.
+  expectation, which the default ``allocation="systematic"`` rounding gives (see :func:`allocate_systematic`,
+  applied along the snake order of the cells, :func:`snake_order`, so that the rounded-up cells are spread
+  evenly over the image and the rounding adds little variance); the deterministic ``"largest_remainder"`` rule
+  keeps every cell within one sample of its proportional share but is then only approximately unbiased (badly
+  so when many cells have a fractional quota below one).
 * Variance: SG with proportional allocation has variance no larger than NS (paper Thm 3.2; with sampling without
   replacement up to finite-population terms of order ``1/|P_m|``, and up to the small extra variance of the
   randomised rounding), strictly smaller when the cell means of ``h`` differ. SAG is at most twice SG (Lemma 3.1)
   and much smaller when ``h`` is smooth (close to linear) inside the cells, because a pair's mean
   ``(h(p) + h(2c - p)) / 2`` cancels the linear part; it is larger than SG for ``h`` symmetric about the cell
-  centres.
+  centres. Pairs need two samples in a cell: with ``n`` below about twice the number of cells holding the class,
+  most cells get one sample and SAG is no better than SG.
 
 Grid
 ----
@@ -78,6 +81,7 @@ __all__ = [
     "class_masks",
     "allocate_systematic",
     "allocate_largest_remainder",
+    "snake_order",
 ]
 
 GridSpec = Union[int, Sequence[int]]
@@ -146,7 +150,10 @@ def allocate_systematic(counts: torch.Tensor, n: torch.Tensor, offset: torch.Ten
     ``N = sum_m N_m``): with cumulative counts ``C_m = N_1 + ... + N_m`` and the offset ``U = offset[g]`` in
     ``[0, N)``, cell ``m`` gets ``ceil((n C_m - U) / N) - ceil((n C_{m-1} - U) / N)`` samples. Then every cell gets
     ``floor(q_m)`` or ``ceil(q_m)`` samples, the row total is exactly ``n``, and for ``U`` uniform on
-    ``{0, ..., N - 1}`` the expected allocation is exactly ``q_m`` (what makes SG/SAG unbiased).
+    ``{0, ..., N - 1}`` the expected allocation is exactly ``q_m`` (what makes SG/SAG unbiased). Any run of
+    consecutive cells also receives its summed quota up to one sample, so when the columns are cells in an order
+    where neighbours are spatial neighbours (the samplers pass them in :func:`snake_order`), the rounding is
+    spatially balanced.
 
     Args:
         counts: LongTensor ``(G, M)``, valid pixels per cell.
@@ -185,6 +192,25 @@ def allocate_largest_remainder(counts: torch.Tensor, n: torch.Tensor) -> torch.T
     order = key.argsort(dim=1)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(M, device=counts.device).expand(G, M))
     return base + (rank < deficit.unsqueeze(1)).long()
+
+
+def snake_order(grid: Sequence[int]) -> torch.Tensor:
+    """Cells of a ``grid`` (cells per axis, row-major cell ids) in boustrophedon ("snake") order.
+
+    Returns LongTensor ``(prod(grid),)``: the cell ids in visiting order. The last axis is walked forwards or
+    backwards depending on the parity of the position reached along the outer axes, so consecutive cells are
+    always face neighbours (2D 3 x 3: ``0 1 2 5 4 3 6 7 8``).
+    """
+    grid = tuple(grid)
+    pos = torch.zeros(math.prod(grid), dtype=torch.long)
+    ids = torch.arange(math.prod(grid))
+    rest = ids
+    for a, g in enumerate(grid):
+        stride = math.prod(grid[a + 1:])
+        i = torch.div(rest, stride, rounding_mode="floor")
+        rest = rest - i * stride
+        pos = pos * g + torch.where(pos % 2 == 0, i, g - 1 - i)
+    return torch.empty_like(ids).scatter_(0, pos, ids)
 
 
 def _grid_tuple(grid: GridSpec, ndim: int) -> Tuple[int, ...]:
@@ -274,7 +300,8 @@ class SGSampler(PixelSampler):
     The image is cut into ``grid`` cells per axis (default 4: 4 x 4 in 2D, 4 x 4 x 4 in 3D); cell ``m`` with
     ``N_m`` valid pixels of the class (``N`` in all) receives ``n_m`` samples, ``n_m`` in ``{floor(q_m),
     ceil(q_m)}`` with ``q_m = n N_m / N`` and ``sum n_m = n`` exactly (``allocation="systematic"``:
-    randomised rounding with ``E[n_m] = q_m``, hence unbiased, :func:`allocate_systematic`; or
+    randomised rounding with ``E[n_m] = q_m``, hence unbiased, along the snake order of the cells,
+    :func:`allocate_systematic`; or
     ``"largest_remainder"``, deterministic, :func:`allocate_largest_remainder`). Inside each cell the ``n_m``
     pixels are uniform without replacement, independently of the other cells. ``partner`` is all -1.
     """
@@ -309,7 +336,8 @@ class SAGSampler(PixelSampler):
     exactly unbiased, as for SG; antithetic symmetry holds for every slot with ``partner >= 0``. The variance is
     at most that of SG up to the paper's factor 2 (Lemma 3.1) and is much smaller for ``h`` smooth in the cells.
     With ``allocation="largest_remainder"`` only the cell allocation becomes deterministic; the split stays
-    randomised.
+    randomised. A cell needs ``n_m >= 2`` for a pair: choose ``n`` of at least about twice the number of cells
+    that hold the class (default grid: 32 in 2D), else SAG behaves like SG.
     """
 
     name = "sag"
@@ -381,7 +409,14 @@ def _draw(valid: torch.Tensor, n: int, grid: Tuple[int, ...], allocation: str, a
     totals = counts.sum(1)
     n_g = totals.clamp(max=n)
     if allocation == "systematic":
-        alloc = allocate_systematic(counts, n_g, _uniform_index(totals, generator))
+        # systematic rounding along the snake order of the cells (neighbours in the order are neighbours in
+        # space), so the rounded-up cells are spread evenly over the image (see allocate_systematic)
+        snake = snake_order(grid).to(device)
+        if pool_batch:
+            snake = (torch.arange(B, device=device).unsqueeze(1) * M + snake).reshape(-1)
+        cell_order = snake.expand(n_groups, M_eff)
+        alloc_perm = allocate_systematic(counts.gather(1, cell_order), n_g, _uniform_index(totals, generator))
+        alloc = torch.empty_like(alloc_perm).scatter_(1, cell_order, alloc_perm)
     else:
         alloc = allocate_largest_remainder(counts, n_g)
     alloc = alloc.reshape(-1)
