@@ -7,7 +7,8 @@ nothing about features or losses (in the style of pytorch-metric-learning's mine
 
 * :class:`NSSampler` - naive sampling: uniform, without replacement, over the valid pixels of (image, class).
 * :class:`SGSampler` - stratified group sampling: a regular grid of cells over the image (the paper's spatial
-  version, "partition the image ... into grids with the same size"; methods.md, decisions), samples allocated to
+  version, "partition the image ... into grids with the same size", not the authors' code, which stratifies the
+  list of candidate indices instead of image coordinates), samples allocated to
   the cells proportionally to each cell's number of valid pixels, uniform without replacement inside each cell,
   independent across cells.
 * :class:`SAGSampler` - stratified antithetic group sampling: as SG, but inside each cell the pixels are drawn in
@@ -48,8 +49,9 @@ Behaviour common to the three samplers
   so when many cells have a fractional quota below one).
 * Variance: SG with proportional allocation has variance no larger than NS (paper Thm 3.2; with sampling without
   replacement up to finite-population terms of order ``1/|P_m|``, and up to the small extra variance of the
-  randomised rounding), strictly smaller when the cell means of ``h`` differ. SAG is at most twice SG (Lemma 3.1)
-  and much smaller when ``h`` is smooth (close to linear) inside the cells, because a pair's mean
+  randomised rounding), strictly smaller when the cell means of ``h`` differ. SAG is at most about twice SG
+  (Lemma 3.1: the mean of a pair never varies more than one pixel, so a pair costs at most a factor 2) and much
+  smaller when ``h`` is smooth (close to linear) inside the cells, because a pair's mean
   ``(h(p) + h(2c - p)) / 2`` cancels the linear part; it is larger than SG for ``h`` symmetric about the cell
   centres. Pairs need two samples in a cell: with ``n`` below about twice the number of cells holding the class,
   most cells get one sample and SAG is no better than SG.
@@ -60,10 +62,14 @@ Grid
 cells in 2D and 4 x 4 x 4 in 3D (the cut count of the authors' code). Along an axis of length ``s`` split into
 ``g`` cells, pixel ``x`` lies in cell ``floor(x g / s)``; cell ``i`` spans ``[ceil(i s / g), ceil((i+1) s / g))``,
 so cell lengths differ by at most one. With ``g > s`` some cells are empty (harmless).
+
+Cost: one ``nonzero`` of ``valid`` (a host sync on GPU) and one sort of the valid pixels, ``O(P log P)`` for
+``P = valid.sum()``; memory ``O(P)`` (plus the ``(B, K, n)`` outputs). "Pixel" reads "voxel" in 3D.
 """
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple, Type, Union
@@ -151,8 +157,8 @@ def allocate_systematic(counts: torch.Tensor, n: torch.Tensor, offset: torch.Ten
     ``[0, N)``, cell ``m`` gets ``ceil((n C_m - U) / N) - ceil((n C_{m-1} - U) / N)`` samples. Then every cell gets
     ``floor(q_m)`` or ``ceil(q_m)`` samples, the row total is exactly ``n``, and for ``U`` uniform on
     ``{0, ..., N - 1}`` the expected allocation is exactly ``q_m`` (what makes SG/SAG unbiased). Any run of
-    consecutive cells also receives its summed quota up to one sample, so when the columns are cells in an order
-    where neighbours are spatial neighbours (the samplers pass them in :func:`snake_order`), the rounding is
+    consecutive columns also receives its summed quota up to one sample, so when the columns list the cells in an
+    order where neighbours are spatial neighbours (the samplers use :func:`snake_order`), the rounding is
     spatially balanced.
 
     Args:
@@ -269,15 +275,9 @@ class PixelSampler:
         """
         if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.dim() < 3:
             raise ValueError("valid must be a BoolTensor of shape (B, K, *spatial)")
-        try:
-            if isinstance(n_per_class, bool):
-                raise TypeError
-            n = operator.index(n_per_class)
-        except TypeError:
-            raise ValueError(f"n_per_class must be a non-negative int, got {n_per_class!r}") from None
-        if n < 0:
+        if isinstance(n_per_class, bool) or not isinstance(n_per_class, numbers.Integral) or n_per_class < 0:
             raise ValueError(f"n_per_class must be a non-negative int, got {n_per_class!r}")
-        return _draw(valid, n, _grid_tuple(self.grid, valid.dim() - 2), self.allocation, self.antithetic,
+        return _draw(valid, int(n_per_class), _grid_tuple(self.grid, valid.dim() - 2), self.allocation, self.antithetic,
                      bool(pool_batch), generator)
 
 
@@ -299,11 +299,11 @@ class SGSampler(PixelSampler):
 
     The image is cut into ``grid`` cells per axis (default 4: 4 x 4 in 2D, 4 x 4 x 4 in 3D); cell ``m`` with
     ``N_m`` valid pixels of the class (``N`` in all) receives ``n_m`` samples, ``n_m`` in ``{floor(q_m),
-    ceil(q_m)}`` with ``q_m = n N_m / N`` and ``sum n_m = n`` exactly (``allocation="systematic"``:
-    randomised rounding with ``E[n_m] = q_m``, hence unbiased, along the snake order of the cells,
-    :func:`allocate_systematic`; or
-    ``"largest_remainder"``, deterministic, :func:`allocate_largest_remainder`). Inside each cell the ``n_m``
-    pixels are uniform without replacement, independently of the other cells. ``partner`` is all -1.
+    ceil(q_m)}`` with ``q_m = n N_m / N`` and ``sum n_m = n`` exactly. ``allocation="systematic"`` (default):
+    randomised rounding with ``E[n_m] = q_m``, hence unbiased, along the snake order of the cells
+    (:func:`allocate_systematic`, :func:`snake_order`); ``"largest_remainder"``: deterministic
+    (:func:`allocate_largest_remainder`). Inside each cell the ``n_m`` pixels are uniform without replacement,
+    independently of the other cells. ``partner`` is all -1.
     """
 
     name = "sg"

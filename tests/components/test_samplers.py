@@ -440,8 +440,10 @@ def test_class_masks_build_sampler_and_argument_checks():
         s(torch.ones(2, 4, 4), 3)  # not bool
     with pytest.raises(ValueError):
         s(torch.ones(2, 4, dtype=torch.bool), 3)  # no spatial axis
-    with pytest.raises(ValueError):
-        s(torch.ones(1, 1, 4, 4, dtype=torch.bool), -1)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError):
+            s(torch.ones(1, 1, 4, 4, dtype=torch.bool), bad)
+    assert s(torch.ones(1, 1, 4, 4, dtype=torch.bool), np.int64(3)).count.item() == 3
     with pytest.raises(ValueError):
         SGSampler(grid=(2, 2, 2))(torch.ones(1, 1, 4, 4, dtype=torch.bool), 3)
     with pytest.raises(ValueError):
