@@ -372,29 +372,32 @@ def _var(name, mask, h, n, seed):
     return est.var(ddof=1)
 
 
+def _gradient_case():
+    """Full 24 x 24 mask (36 pixels per cell of the 4 x 4 grid), a smooth non-linear function of position."""
+    H = W = 24
+    yy, xx = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+    h = np.sin(yy / 7.0) + 0.06 * xx + 0.003 * (xx - 8) ** 2
+    return np.ones((H, W), dtype=bool), h.reshape(-1)
+
+
 def test_ns_and_sg_variances_match_sampling_formulas():
-    """Full 32 x 32 mask, 4 x 4 grid (64 pixels per cell), n = 32: exactly 2 draws per cell, no rounding, so
+    """Full 24 x 24 mask, 4 x 4 grid (36 pixels per cell), n = 32: exactly 2 draws per cell, no rounding, so
     Var_NS = (1 - n/N) S^2 / n and Var_SG = sum_m W_m^2 (1 - n_m/N_m) S_m^2 / n_m (sampling without replacement)."""
-    H = W = 32
-    mask = np.ones((H, W), dtype=bool)
-    _, smooth, _ = _structured_case()
-    n, N = 32, H * W
-    cell, _ = np_cells((H, W), (4, 4))
-    var_ns_ref = (1 - n / N) * smooth.var(ddof=1) / n
-    var_sg_ref = sum((1 / 16) ** 2 * (1 - 2 / 64) * smooth[cell == m].var(ddof=1) / 2 for m in range(16))
+    mask, h = _gradient_case()
+    n, N = 32, mask.size
+    cell, _ = np_cells(mask.shape, (4, 4))
+    var_ns_ref = (1 - n / N) * h.var(ddof=1) / n
+    var_sg_ref = sum((1 / 16) ** 2 * (1 - 2 / 36) * h[cell == m].var(ddof=1) / 2 for m in range(16))
     tol = 5 * math.sqrt(2 / (R_VAR - 1))  # relative standard error of a sample variance, ~5 SE
-    assert abs(_var("ns", mask, smooth, n, 1) / var_ns_ref - 1) < tol
-    assert abs(_var("sg", mask, smooth, n, 2) / var_sg_ref - 1) < tol
+    assert abs(_var("ns", mask, h, n, 1) / var_ns_ref - 1) < tol
+    assert abs(_var("sg", mask, h, n, 2) / var_sg_ref - 1) < tol
     assert var_sg_ref < var_ns_ref
 
 
 @pytest.mark.parametrize("case", ["gradient_full", "blob"])
 def test_variance_ordering_sag_le_sg_le_ns_on_structured_images(case):
     if case == "gradient_full":
-        H = W = 32
-        mask = np.ones((H, W), dtype=bool)
-        yy, xx = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
-        h = (np.sin(yy / 9.0) + 0.05 * xx + 0.002 * (xx - 10) ** 2).reshape(-1)
+        mask, h = _gradient_case()
         n = 48  # 3 per cell: one antithetic pair and one parity draw
     else:
         mask, h, _ = _structured_case()
