@@ -89,3 +89,37 @@ def phantom_prepared(tmp_path_factory):
              "-f", "0"], env)
     pre = os.path.join(folders["nnUNet_preprocessed"], f"Dataset{PHANTOM_ID}_E2E")
     return dict(folders=folders, env=env, raw=raw, pre=pre)
+
+
+# ------------------------------------------------------------------ in-process trainers on the phantoms
+PHANTOM_PLANS = "nnUNetPlans_cpu_small"
+
+
+def phantom_in_process(prepared: dict, monkeypatch, results: str, **schedule) -> dict:
+    """Point this process's nnU-Net variables at the phantoms (results in `results`) and set the short-run
+    variables given as keyword arguments (e.g. nnUNet_contrastive_epochs=4)."""
+    for k, v in prepared["env"].items():
+        if k.startswith("nnUNet"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("nnUNet_results", results)
+    for k, v in schedule.items():
+        monkeypatch.setenv(k, str(v))
+    return prepared
+
+
+def build_trainer(prepared: dict, cls, fold: int = 0):
+    """An instance of trainer class `cls` (or its name in nnunet_contrastive.trainers) on the phantoms, on CPU."""
+    import json
+
+    import torch
+
+    if isinstance(cls, str):
+        import nnunet_contrastive.trainers as T
+
+        cls = getattr(T, cls)
+    with open(os.path.join(prepared["pre"], f"{PHANTOM_PLANS}.json"), encoding="utf-8") as f:
+        plans = json.load(f)
+    plans["continue_training"] = False
+    with open(os.path.join(prepared["pre"], "dataset.json"), encoding="utf-8") as f:
+        dj = json.load(f)
+    return cls(plans, "2d", fold, dj, device=torch.device("cpu"))

@@ -2,19 +2,18 @@
 in the middle of a stage, stats logged by name."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import pytest
 import torch
 
+from conftest import build_trainer, phantom_in_process
 from nnunet_contrastive.framework.stages import LoaderSpec, Stage, Use
 from nnunet_contrastive.terms import MeanTeacherTerm, SupervisedTerm
 from nnunet_contrastive.trainers.staged import nnUNetTrainerStaged
 
 pytestmark = pytest.mark.slow
-PLANS = "nnUNetPlans_cpu_small"
 
 
 def _clone(module) -> dict:
@@ -54,21 +53,12 @@ class ThreeStageToy(nnUNetTrainerStaged):
 
 @pytest.fixture
 def toy_env(phantom_prepared, monkeypatch, tmp_path):
-    for k, v in phantom_prepared["env"].items():
-        if k.startswith("nnUNet"):
-            monkeypatch.setenv(k, v)
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    monkeypatch.setenv("nnUNet_contrastive_epochs", "5")
-    monkeypatch.setenv("nnUNet_contrastive_iterations", "2")
-    monkeypatch.setenv("nnUNet_contrastive_val_iterations", "1")
-    return phantom_prepared
+    return phantom_in_process(phantom_prepared, monkeypatch, str(tmp_path / "results"), nnUNet_contrastive_epochs=5,
+                              nnUNet_contrastive_iterations=2, nnUNet_contrastive_val_iterations=1)
 
 
 def _toy(prepared):
-    plans = json.load(open(os.path.join(prepared["pre"], f"{PLANS}.json")))
-    plans["continue_training"] = False
-    dj = json.load(open(os.path.join(prepared["pre"], "dataset.json")))
-    return ThreeStageToy(plans, "2d", 0, dj, device=torch.device("cpu"))
+    return build_trainer(prepared, ThreeStageToy)
 
 
 def test_three_stages_freeze_resync_log_and_resume_exactly(toy_env, tmp_path):

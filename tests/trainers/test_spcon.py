@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PHANTOM_ID, cli_env, run_cli
+from conftest import PHANTOM_ID, build_trainer, cli_env, phantom_in_process, run_cli
 
 pytestmark = pytest.mark.slow
 PLANS = "nnUNetPlans_cpu_small"
@@ -93,24 +93,13 @@ def test_spcon_variant_cli_train_predict_evaluate(phantom_prepared):
 # ---------------------------------------------------------------------------------------------- in-process
 @pytest.fixture
 def in_process(phantom_prepared, monkeypatch, tmp_path):
-    for k, v in phantom_prepared["env"].items():
-        if k.startswith("nnUNet"):
-            monkeypatch.setenv(k, v)
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    monkeypatch.setenv("nnUNet_contrastive_epochs", "4")
-    monkeypatch.setenv("nnUNet_contrastive_pretrain_epochs", "2")
-    monkeypatch.setenv("nnUNet_contrastive_iterations", "2")
-    monkeypatch.setenv("nnUNet_contrastive_val_iterations", "1")
-    return phantom_prepared
+    return phantom_in_process(phantom_prepared, monkeypatch, str(tmp_path / "results"), nnUNet_contrastive_epochs=4,
+                              nnUNet_contrastive_pretrain_epochs=2, nnUNet_contrastive_iterations=2,
+                              nnUNet_contrastive_val_iterations=1)
 
 
 def _trainer(prepared, cls_name="nnUNetTrainerSPCon"):
-    import nnunet_contrastive.trainers as T
-
-    plans = json.load(open(os.path.join(prepared["pre"], f"{PLANS}.json")))
-    plans["continue_training"] = False
-    dj = json.load(open(os.path.join(prepared["pre"], "dataset.json")))
-    return getattr(T, cls_name)(plans, "2d", 0, dj, device=torch.device("cpu"))
+    return build_trainer(prepared, cls_name)
 
 
 class _Interrupt(Exception):
