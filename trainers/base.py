@@ -7,6 +7,9 @@
 - Short runs: the environment variables `nnUNet_contrastive_epochs`, `nnUNet_contrastive_iterations` and
   `nnUNet_contrastive_val_iterations` override nnU-Net's 1000 epochs x 250 iterations (50 validation iterations)
   for demos, tests and CPU benchmarks; the log says when they are active.
+- Seeding: `nnUNet_contrastive_seed` seeds Python's, NumPy's and torch's generators before the network is built,
+  so weights, case/slice sampling and augmentation are reproducible in one process (with `nnUNet_n_proc_DA=0`:
+  nnU-Net's multi-process augmenter seeds its workers itself). Paired runs then differ only in the method.
 - Checkpoints are written atomically (temporary file, then rename) and carry our state under the key
   `CHECKPOINT_KEY`, which nnU-Net's predictor ignores. The labeled subset is part of it: resuming (`--c`) with a
   different subset stops with an error instead of silently training on other labels.
@@ -24,11 +27,37 @@ from nnunet_contrastive.data.labeled import SPLITS_FILENAME, labeled_and_unlabel
 from nnunet_contrastive.data.metadata import copy_metadata
 
 CHECKPOINT_KEY = "nnunet_contrastive"
+SEED_ENV = "nnUNet_contrastive_seed"
 SCHEDULE_ENV = {
     "num_epochs": "nnUNet_contrastive_epochs",
     "num_iterations_per_epoch": "nnUNet_contrastive_iterations",
     "num_val_iterations_per_epoch": "nnUNet_contrastive_val_iterations",
 }
+
+
+def seed_from_env(environ=None) -> int | None:
+    """The value of nnUNet_contrastive_seed (None when unset). Raises ValueError on a bad value."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(SEED_ENV)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{SEED_ENV}={raw!r}: must be a non-negative integer.") from None
+    if value < 0:
+        raise ValueError(f"{SEED_ENV}={raw!r}: must be a non-negative integer.")
+    return value
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
 
 def schedule_from_env(environ=None) -> dict[str, int]:
@@ -60,6 +89,14 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainer):
             setattr(self, attr, value)
         self.labeled_keys: list[str] | None = None
         self.unlabeled_keys: list[str] = []
+        self.seed = seed_from_env()
+        if self.seed is not None:
+            self.schedule_overrides["seed"] = self.seed
+
+    def initialize(self):
+        if self.seed is not None:  # before the network's weights are drawn
+            seed_everything(self.seed + (0 if self.fold == "all" else int(self.fold)))
+        super().initialize()
 
     # ------------------------------------------------------------------ data split
     def do_split(self):
