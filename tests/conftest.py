@@ -9,6 +9,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 HIPPOCAMPUS = os.path.join(SHARED_DATA, "Task04_Hippocampus")
+ACDC = os.path.join(SHARED_DATA, "ACDC")
 
 
 def pytest_configure(config):
@@ -36,6 +37,13 @@ def hippocampus_dir():
     if not os.path.isdir(os.path.join(HIPPOCAMPUS, "imagesTr")):
         pytest.skip(f"shared hippocampus data not found at {HIPPOCAMPUS}")
     return HIPPOCAMPUS
+
+
+@pytest.fixture(scope="session")
+def acdc_dir():
+    if not os.path.isfile(os.path.join(ACDC, "ssl4mis_split.json")):
+        pytest.skip(f"shared ACDC data not found at {ACDC}")
+    return ACDC
 
 
 def python_exe() -> str:

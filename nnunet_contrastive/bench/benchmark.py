@@ -1,11 +1,12 @@
-"""`nnunet-contrastive benchmark`: label efficiency and cost of our trainers on real data (MSD hippocampus).
+"""`nnunet-contrastive benchmark`: label efficiency and cost of our trainers on real data (MSD hippocampus, ACDC).
 
 Everything runs through nnU-Net's own commands (nnunet_contrastive.prep.pipeline); this module only arranges data,
 splits, budgets and the report.
 
-Data (`prepare_data`)
-    `Task04_Hippocampus` (MSD layout) is converted with `convert_msd` into `<workdir>/nnUNet_raw`. A FIXED held-out
-    test set — `test_cases` cases drawn with `split_seed` — is then MOVED from imagesTr/labelsTr to
+Data (`prepare_data`; the datasets and their split and labeled-subset rules: nnunet_contrastive.bench.datasets)
+    `Task04_Hippocampus` (MSD layout) is converted with `convert_msd`, ACDC with `convert_acdc`, into
+    `<workdir>/nnUNet_raw`. A FIXED held-out test set — hippocampus: `test_cases` cases drawn with `split_seed`;
+    ACDC: the test patients of ssl4mis_split.json — is then MOVED from imagesTr/labelsTr to
     imagesTs/labelsTs (numTraining and metadata.csv updated) BEFORE `nnUNetv2_plan_and_preprocess`, so the test
     volumes are never planned on, preprocessed or trained on. The remaining cases form the training pool (`--quick`
     keeps only `pool_size` of them and deletes the rest from the converted copy). `val_cases` pool cases (same seed)
@@ -16,17 +17,20 @@ Data (`prepare_data`)
 
 Budget
     Every trainer gets the same plans (nnU-Net's 2d plans + the `cpu_small` override: batch 8) and the same number of
-    training iterations, `epochs x iterations` (env nnUNet_contrastive_epochs / _iterations). Two-stage trainers
-    (nnUNetTrainerSPCon, nnUNetTrainerUnsupCon, ...) spend `pretrain_epochs` of those epochs on contrastive
-    pre-training (env nnUNet_contrastive_pretrain_epochs) and the rest on stage 2: pre-training + stage 2 = the same
-    total. Predictions use `checkpoint_final.pth` (the student network) for every trainer.
+    training iterations with labels, `epochs x iterations` (env nnUNet_contrastive_epochs / _iterations).
+    Pre-training stages (the stages a trainer declares `pretraining`: label-free) are run ONCE per seed, on every
+    training image, and reused by every N (`-pretrained_weights`); their `pretrain_epochs x iterations` and wall time
+    are reported in their own column. `--pretraining inside` restores the older rule (pre-training counted inside the
+    same total). Runs are seeded (nnUNet_contrastive_seed = the run's seed), so paired runs differ only in the
+    method. Predictions use `checkpoint_final.pth` (the student network) for every trainer.
 
 Runs
     One run = (trainer, N, seed): write the split, `nnUNetv2_train DATASET 2d 0 -tr T -p nnUNetPlans_cpu_small`
     with its own nnUNet_results folder, `nnUNetv2_predict` on imagesTs, `nnUNetv2_evaluate_folder` against labelsTs.
     Its result is `<workdir>/runs/<budget>/<trainer>/N<n>_seed<s>/result.json`; a run with that file is skipped, an
     interrupted one starts again (from its `checkpoint_final.pth` when training had finished). The seed draws the
-    labeled subset (nnU-Net's training itself is not seeded).
+    labeled subset and seeds nnU-Net's training. FewLabels' validation pseudo-Dice per epoch (nnU-Net's online
+    validation) is kept as the learning curve: the report plots it at the smallest and the largest N.
 
 Outputs (in `--out`, default `<workdir>/report`): `results.md`, `results.json`, `dice_vs_labeled.png`.
 """
@@ -47,16 +51,13 @@ from nnunet_contrastive.bench.report import ALL, n_sort_key
 BASELINE = "nnUNetTrainerFewLabels"
 DEFAULT_TRAINERS = [BASELINE, "nnUNetTrainerSPCon"]
 PLANS_OVERRIDE = "cpu_small"
-DATASET_NAME = "Hippocampus"
 SETUP_FILE = "benchmark_setup.json"
 
 # Budgets: FULL is the default run (2 trainers x 4 N x 1 seed on 2 idle CPU cores: see docs/results/);
 # QUICK only exercises every code path (CI), its numbers mean nothing.
-FULL = dict(dataset_id=941, test_cases=40, val_cases=4, pool_size=None, num_labeled=["1", "2", "4", "all"],
-            epochs=10, iterations=100, val_iterations=4, pretrain_epochs=2, cost_warmup=3, cost_iterations=20,
+FULL = dict(epochs=10, iterations=100, val_iterations=4, pretrain_epochs=2, cost_warmup=3, cost_iterations=20,
             loss_sizes=[64, 128, 256, 512], loss_reps=20, disable_tta=False, workdir="nnunet_contrastive_benchmark")
-QUICK = dict(dataset_id=942, test_cases=2, val_cases=1, pool_size=12, num_labeled=["1", "all"],
-             epochs=2, iterations=3, val_iterations=1, pretrain_epochs=1, cost_warmup=1, cost_iterations=2,
+QUICK = dict(epochs=2, iterations=3, val_iterations=1, pretrain_epochs=1, cost_warmup=1, cost_iterations=2,
              loss_sizes=[64, 128], loss_reps=3, disable_tta=True, workdir="nnunet_contrastive_benchmark_quick")
 
 
@@ -71,6 +72,7 @@ class Budget:
     val_iterations: int
     pretrain_epochs: int
     disable_tta: bool = False
+    pretraining: str = "separate"  # "separate": once per seed, outside the budget; "inside": part of it
 
     @property
     def total_iterations(self) -> int:
@@ -79,6 +81,7 @@ class Budget:
     @property
     def tag(self) -> str:
         return (f"e{self.epochs}_i{self.iterations}_v{self.val_iterations}_p{self.pretrain_epochs}"
+                + ("" if self.pretraining == "inside" else "sep")
                 + ("_notta" if self.disable_tta else ""))
 
     def describe(self, two_stage: list[str]) -> str:
@@ -87,8 +90,13 @@ class Budget:
              f"iterations per epoch, not counted)")
         if two_stage:
             p, e, i = self.pretrain_epochs, self.epochs, self.iterations
-            s += (f"; {', '.join(two_stage)}: {p}x{i} = {p * i} contrastive pre-training + {e - p}x{i} = "
-                  f"{(e - p) * i} stage-2 iterations = {e * i} in all")
+            if self.pretraining == "inside":
+                s += (f"; {', '.join(two_stage)}: {p}x{i} = {p * i} contrastive pre-training + {e - p}x{i} = "
+                      f"{(e - p) * i} stage-2 iterations = {e * i} in all")
+            else:
+                s += (f"; {', '.join(two_stage)}: the same {e}x{i} = {e * i} iterations after {p}x{i} = {p * i} "
+                      f"label-free pre-training iterations per pre-training stage, run once per seed and reused by "
+                      f"every N (cost reported apart)")
         return s
 
 
@@ -115,6 +123,13 @@ class Config:
     loss_sizes: list[int] = field(default_factory=list)
     loss_reps: int = 20
     command: str = ""
+    dataset: str = "hippocampus"
+
+    @property
+    def spec(self):
+        from nnunet_contrastive.bench.datasets import DATASETS
+
+        return DATASETS[self.dataset]
 
 
 @dataclass
@@ -128,28 +143,24 @@ class Prepared:
     train: list[str]
     val: list[str]
     test: list[str]
+    groups: dict = field(default_factory=dict)  # case -> patient
+    title: str = "MSD hippocampus"
+    unit: str = "volumes"
+    train_order: list = field(default_factory=list)  # patients in the published split's order (ACDC)
 
 
 # ------------------------------------------------------------------------------------------------ input checks
-def default_data_dir() -> str:
-    """`<repository>/../shared/data/Task04_Hippocampus` (a source checkout), else `./../shared/data/...`."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidates = [os.path.join(os.path.dirname(here), "shared", "data", "Task04_Hippocampus"),
-                  os.path.join(os.path.dirname(os.getcwd()), "shared", "data", "Task04_Hippocampus")]
-    for c in candidates:
-        if os.path.isdir(c):
-            return c
-    return candidates[0]
+def default_data_dir(dataset: str = "hippocampus") -> str:
+    """`<repository>/../shared/data/<the dataset's folder>` (a source checkout), else `<cwd>/../shared/data/...`."""
+    from nnunet_contrastive.bench.datasets import DATASETS
+
+    return DATASETS[dataset].default_dir()
 
 
-def check_data(path: str) -> str:
-    path = os.path.abspath(path)
-    if not os.path.isdir(os.path.join(path, "imagesTr")) or not os.path.isdir(os.path.join(path, "labelsTr")):
-        raise BenchmarkError(
-            f"hippocampus data not found: {path} has no imagesTr/ and labelsTr/. The benchmark needs the Medical "
-            f"Segmentation Decathlon Task04_Hippocampus folder (imagesTr/, labelsTr/, dataset.json); pass it with "
-            f"--data PATH.")
-    return path
+def check_data(path: str, dataset: str = "hippocampus") -> str:
+    from nnunet_contrastive.bench.datasets import DATASETS
+
+    return DATASETS[dataset].check(path)
 
 
 def parse_num_labeled(values) -> list:
@@ -218,7 +229,11 @@ def check_budget(b: Budget, trainers: list[str]) -> None:
         if v < lo:
             raise BenchmarkError(f"{name} must be >= {lo}, got {v}.")
     staged = [t for t in trainers if two_stage(t)]
-    if staged and not b.pretrain_epochs < b.epochs:
+    if b.pretraining not in ("separate", "inside"):
+        raise BenchmarkError(f"--pretraining must be 'separate' or 'inside', got {b.pretraining!r}.")
+    if staged and b.pretraining == "separate" and b.pretrain_epochs < 1:
+        raise BenchmarkError(f"--pretrain-epochs must be >= 1 for {', '.join(staged)} with separate pre-training.")
+    if staged and b.pretraining == "inside" and not b.pretrain_epochs < b.epochs:
         raise BenchmarkError(f"--pretrain-epochs ({b.pretrain_epochs}) must be smaller than --epochs ({b.epochs}): "
                              f"{', '.join(staged)} need at least one stage-2 epoch.")
 
@@ -237,7 +252,7 @@ def check_meta_labels(trainers: list[str], prep: "Prepared") -> None:
         if getattr(cls, "meta_labels", ()):
             missing = [m for m in getattr(cls, "required_meta_labels", ()) if m not in available]
             if missing:
-                raise BenchmarkError(f"{t} needs meta-label(s) {missing}, which the hippocampus data do not have "
+                raise BenchmarkError(f"{t} needs meta-label(s) {missing}, which the {prep.title} data do not have "
                                      f"(available: {available}). Leave it out of --trainers.")
 
 
@@ -249,7 +264,7 @@ def _case_files(folder: str, case: str, ending: str, channels: int | None) -> li
 
 
 def _setup_dict(cfg: Config) -> dict:
-    return {"source": cfg.data, "dataset_id": cfg.dataset_id, "test_cases": cfg.test_cases,
+    return {"dataset": cfg.dataset, "source": cfg.data, "dataset_id": cfg.dataset_id, "test_cases": cfg.test_cases,
             "val_cases": cfg.val_cases, "pool_size": cfg.pool_size, "split_seed": cfg.split_seed}
 
 
@@ -263,20 +278,10 @@ def _hold_out(raw: str, cfg: Config, log) -> dict:
         dj = json.load(f)
     ending, channels = dj["file_ending"], len(dj["channel_names"])
     cases = sorted(f[: -len(ending)] for f in os.listdir(os.path.join(raw, "labelsTr")) if f.endswith(ending))
-    need = cfg.test_cases + cfg.val_cases + 1
-    if len(cases) < need:
-        raise BenchmarkError(f"{cfg.data} has {len(cases)} cases; --test-cases {cfg.test_cases} + --val-cases "
-                             f"{cfg.val_cases} leave fewer than 1 training case.")
-    rng = np.random.default_rng(cfg.split_seed)
-    order = [cases[i] for i in rng.permutation(len(cases))]
-    test = sorted(order[: cfg.test_cases])
-    rest = order[cfg.test_cases:]
-    pool = sorted(rest if cfg.pool_size is None else rest[: cfg.pool_size])
-    dropped = sorted(set(rest) - set(pool))
-    if len(pool) <= cfg.val_cases:
-        raise BenchmarkError(f"the training pool has {len(pool)} cases: not enough for {cfg.val_cases} validation "
-                             f"cases and at least one training case.")
-    val = sorted(np.random.default_rng(cfg.split_seed + 1).choice(pool, cfg.val_cases, replace=False).tolist())
+    table = read_metadata(raw, dj)
+    groups = {c: table.value(c, "patient") for c in cases}
+    test, pool, val, dropped = cfg.spec.split(cfg.data, cases, groups, cfg.test_cases, cfg.val_cases, cfg.pool_size,
+                                              cfg.split_seed)
     train = [c for c in pool if c not in set(val)]
     for split in ("imagesTs", "labelsTs"):
         os.makedirs(os.path.join(raw, split), exist_ok=True)
@@ -288,7 +293,6 @@ def _hold_out(raw: str, cfg: Config, log) -> dict:
         for src in _case_files(os.path.join(raw, "imagesTr"), case, ending, channels):
             os.remove(src)
         os.remove(os.path.join(raw, "labelsTr", case + ending))
-    table = read_metadata(raw, dj)
     write_metadata(os.path.join(raw, METADATA_FILENAME), {c: table.rows[c] for c in pool}, table.columns)
     write_metadata(os.path.join(raw, "metadata_Ts.csv"), {c: table.rows[c] for c in test}, table.columns)
     dj["numTraining"] = len(pool)
@@ -298,13 +302,14 @@ def _hold_out(raw: str, cfg: Config, log) -> dict:
         json.dump(dj, f, indent=2)
     log(f"  held out {len(test)} test cases (imagesTs/labelsTs); pool {len(pool)} = {len(train)} train + "
         f"{len(val)} val" + (f"; {len(dropped)} cases not used" if dropped else ""))
-    return {"test": test, "pool": pool, "train": train, "val": val, "dropped": dropped}
+    order = cfg.spec.published_split(cfg.data)["train"] if cfg.dataset == "acdc" else []
+    return {"test": test, "pool": pool, "train": train, "val": val, "dropped": dropped, "groups": groups,
+            "train_order": [p for p in order if any(groups[c] == p for c in train)]}
 
 
 def prepare_data(cfg: Config, env: dict, log=print) -> Prepared:
     """Convert, hold out, plan and preprocess (each step skipped when already done in this workdir)."""
     from nnunet_contrastive.prep import pipeline
-    from nnunet_contrastive.prep.converters import convert_msd
     from nnunet_contrastive.data.metadata import copy_metadata
     from nnunet_contrastive.prep.plans_override import derive_plans
 
@@ -319,13 +324,13 @@ def prepare_data(cfg: Config, env: dict, log=print) -> Prepared:
             diff = {k: (old[k], wanted[k]) for k in wanted if old[k] != wanted[k]}
             raise BenchmarkError(f"{cfg.workdir} was prepared with a different data setup {diff} (old, new). Use "
                                  f"another --workdir, or --fresh to delete this one.")
-    dataset = f"Dataset{cfg.dataset_id:03d}_{DATASET_NAME}"
+    dataset = f"Dataset{cfg.dataset_id:03d}_{cfg.spec.name}"
     raw = os.path.join(env["nnUNet_raw"], dataset)
     pre = os.path.join(env["nnUNet_preprocessed"], dataset)
     if setup is None or not setup.get("holdout_done"):
-        log(f"converting {cfg.data} (convert-msd) into {env['nnUNet_raw']}")
+        log(f"converting {cfg.data} ({cfg.spec.title}) into {env['nnUNet_raw']}")
         shutil.rmtree(pre, ignore_errors=True)
-        convert_msd(cfg.data, cfg.dataset_id, DATASET_NAME, raw_root=env["nnUNet_raw"], overwrite=True)
+        cfg.spec.convert(cfg.data, cfg.dataset_id, env["nnUNet_raw"])
         split = _hold_out(raw, cfg, log)
         setup = {**wanted, **split, "holdout_done": True, "how": (
             "test cases moved from imagesTr/labelsTr to imagesTs/labelsTs before nnUNetv2_plan_and_preprocess; "
@@ -347,30 +352,90 @@ def prepare_data(cfg: Config, env: dict, log=print) -> Prepared:
         labels = json.load(f)["labels"]
     classes = [k for k, v in labels.items() if v != 0 and k != "ignore"]
     return Prepared(raw=raw, pre=pre, dataset=dataset, plans=plans, labels=labels, classes=classes,
-                    train=list(setup["train"]), val=list(setup["val"]), test=list(setup["test"]))
+                    train=list(setup["train"]), val=list(setup["val"]), test=list(setup["test"]),
+                    groups=dict(setup.get("groups", {})), train_order=list(setup.get("train_order", [])),
+                    title=cfg.spec.title, unit=cfg.spec.unit)
 
 
-def write_split(prep: Prepared, num_labeled, seed: int) -> list[str]:
+def write_split(prep: Prepared, num_labeled, seed: int, spec=None) -> list[str]:
     """splits_final.json with one fold (train / val of the benchmark) and its labeled subset; returns it."""
-    from nnunet_contrastive.data.labeled import apply_selection, write_splits
+    from nnunet_contrastive.bench.datasets import HIPPOCAMPUS
+    from nnunet_contrastive.data.labeled import LABELED_KEY, SELECTION_KEY, write_splits
 
-    splits = apply_selection([{"train": list(prep.train), "val": list(prep.val)}], num_labeled, seed, "case",
-                             folds=[0])
-    write_splits(prep.pre, splits)
-    return list(splits[0]["labeled"])
+    spec = spec or HIPPOCAMPUS
+    labeled = spec.labeled(list(prep.train), num_labeled, seed, prep.groups, prep.train_order)
+    write_splits(prep.pre, [{"train": list(prep.train), "val": list(prep.val), LABELED_KEY: labeled,
+                             SELECTION_KEY: {"num_labeled": num_labeled, "seed": int(seed),
+                                            "by": "patient" if spec.unit == "patients" else "case"}}])
+    return labeled
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def run_env(base: dict, trainer: str, budget: Budget, results: str) -> dict:
+def run_env(base: dict, trainer: str, budget: Budget, results: str, seed: int | None = None) -> dict:
     env = dict(base, nnUNet_results=results, nnUNet_contrastive_epochs=str(budget.epochs),
                nnUNet_contrastive_iterations=str(budget.iterations),
                nnUNet_contrastive_val_iterations=str(budget.val_iterations))
-    # only two-stage trainers get the pre-training variable: it would give one-stage SPCon subclasses
+    for var in ("nnUNet_contrastive_pretrain_epochs", "nnUNet_contrastive_stage_epochs", "nnUNet_contrastive_seed"):
+        env.pop(var, None)
+    if seed is not None:
+        env["nnUNet_contrastive_seed"] = str(seed)
+    # only two-stage trainers get the pre-training variable: it would give one-stage trainers
     # (nnUNetTrainerMeanTeacher, nnUNetTrainerSPConSemiOnly) a pre-training stage they must not have
-    env.pop("nnUNet_contrastive_pretrain_epochs", None)
     if trainer != "nnUNetTrainer" and two_stage(trainer):
-        env["nnUNet_contrastive_pretrain_epochs"] = str(budget.pretrain_epochs)
+        # separate: the run itself has no pre-training (it starts from the shared pre-training's weights)
+        env["nnUNet_contrastive_pretrain_epochs"] = str(budget.pretrain_epochs if budget.pretraining == "inside"
+                                                        else 0)
     return env
+
+
+def pretraining_env(base: dict, trainer: str, budget: Budget, results: str, seed: int) -> dict:
+    """Only the trainer's pre-training stages, each `pretrain_epochs` long (the others dropped)."""
+    from nnunet_contrastive.bench.cost import trainer_class
+
+    env = run_env(base, trainer, budget, results, seed)
+    env.pop("nnUNet_contrastive_pretrain_epochs", None)
+    stages = trainer_class(trainer).declare_stages()
+    env["nnUNet_contrastive_stage_epochs"] = ",".join(str(budget.pretrain_epochs if s.pretraining and
+                                                          (s.epochs is None or s.epochs > 0) else 0) for s in stages)
+    return env
+
+
+def ensure_pretraining(cfg: Config, prep: Prepared, base_env: dict, trainer: str, seed: int, log=print) -> dict:
+    """The label-free pre-training of `trainer` for `seed`, run once (on every training image) and reused by every
+    N; returns {"checkpoint", "wall_s", "iterations"}."""
+    from nnunet_contrastive.prep import pipeline
+
+    folder = os.path.join(cfg.workdir, "pretraining", cfg.budget.tag, trainer, f"seed{seed}")
+    info_path = os.path.join(folder, "pretraining.json")
+    if os.path.isfile(info_path):
+        with open(info_path, encoding="utf-8") as f:
+            return json.load(f)
+    os.makedirs(folder, exist_ok=True)
+    write_split(prep, ALL, seed, cfg.spec)  # labels are never read by a pre-training stage; every image is used
+    results = os.path.join(folder, "nnUNet_results")
+    shutil.rmtree(results, ignore_errors=True)
+    env = pretraining_env(base_env, trainer, cfg.budget, results, seed)
+    log(f"  {trainer} seed={seed}: label-free pre-training, once for every N "
+        f"({env['nnUNet_contrastive_stage_epochs']} epochs per stage x {cfg.budget.iterations} iterations)")
+    t0 = time.time()
+    pipeline.train(cfg.dataset_id, trainer, prep.plans, 0, env, device=cfg.device, log=lambda *a: None,
+                   output_file=os.path.join(folder, "log.txt"))
+    ckpt = os.path.join(results, prep.dataset, f"{trainer}__{prep.plans}__2d", "fold_0", "checkpoint_final.pth")
+    n_epochs = sum(int(v) for v in env["nnUNet_contrastive_stage_epochs"].split(","))
+    info = {"checkpoint": ckpt, "wall_s": time.time() - t0, "iterations": n_epochs * cfg.budget.iterations,
+            "stage_epochs": env["nnUNet_contrastive_stage_epochs"]}
+    with open(info_path, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+    log(f"  pre-training done in {info['wall_s']:.0f} s")
+    return info
+
+
+def validation_curve(checkpoint: str) -> list:
+    """nnU-Net's online validation pseudo-Dice per epoch (mean over foreground classes) from a checkpoint."""
+    import torch
+
+    log = torch.load(checkpoint, map_location="cpu", weights_only=False).get("logging", {})
+    return [float(v) for v in log.get("mean_fg_dice", [])]
 
 
 def run_dir(cfg: Config, trainer: str, n, seed: int) -> str:
@@ -389,10 +454,15 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
         log(f"  {trainer} N={n} seed={seed}: done before (mean Dice {res['dice']['mean']:.3f}), skipped")
         return res
     os.makedirs(folder, exist_ok=True)
-    labeled = write_split(prep, n, seed)
+    labeled = write_split(prep, n, seed, cfg.spec)
     results = os.path.join(folder, "nnUNet_results")
-    env = run_env(base_env, trainer, cfg.budget, results)
+    env = run_env(base_env, trainer, cfg.budget, results, seed)
     fold_dir = os.path.join(results, prep.dataset, f"{trainer}__{prep.plans}__2d", "fold_0")
+    pretraining, extra = None, []
+    if two_stage(trainer) and cfg.budget.pretraining == "separate":
+        pretraining = ensure_pretraining(cfg, prep, base_env, trainer, seed, log)
+        write_split(prep, n, seed, cfg.spec)  # the pre-training wrote its own (all labeled) split
+        extra = ["-pretrained_weights", pretraining["checkpoint"]]
     logf = os.path.join(folder, "log.txt")
     times = {}
     load = {"start": _loadavg()}
@@ -402,7 +472,7 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
         log(f"  {trainer} N={n} seed={seed}: nnUNetv2_train ({len(labeled)} labeled / {len(prep.train)} train "
             f"cases; log {logf})")
         pipeline.train(cfg.dataset_id, trainer, prep.plans, 0, env, device=cfg.device, log=lambda *a: None,
-                       output_file=logf)
+                       output_file=logf, extra=extra)
     times["train_s"] = time.time() - t0
     pred = os.path.join(folder, "predictions")
     shutil.rmtree(pred, ignore_errors=True)
@@ -421,7 +491,8 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
     res = {"trainer": trainer, "num_labeled": n, "seed": seed, "labeled": labeled, "num_train": len(prep.train),
            "num_val": len(prep.val), "num_test": len(prep.test), "budget": dataclasses.asdict(cfg.budget),
            "plans": prep.plans, "checkpoint": "checkpoint_final.pth", "dice": dice, "wall_s": times,
-           "loadavg_1_5_15min": load,
+           "loadavg_1_5_15min": load, "pretraining": pretraining,
+           "val_curve": validation_curve(os.path.join(fold_dir, "checkpoint_final.pth")),
            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     tmp = result_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -477,7 +548,7 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
     rows = R.summarize(results, trainers, cfg.num_labeled, prep.classes, BASELINE) if results else []
     staged = [t for t in trainers if two_stage(t)]
     budget_text = cfg.budget.describe(staged)
-    md = ["# nnunet-contrastive benchmark: label efficiency and cost on MSD hippocampus", ""]
+    md = [f"# nnunet-contrastive benchmark: label efficiency and cost on {prep.title}", ""]
     if cfg.quick:
         md += ["**QUICK MODE: a smoke test of the benchmark's code path (tiny data, a few iterations). Its numbers "
                "mean nothing.**", ""]
@@ -511,6 +582,23 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
                R.label_efficiency_markdown(rows, prep.classes, BASELINE, len(prep.train)), "",
                f"gain = mean Dice − {BASELINE}'s at the same N (paired by seed); gap closed = (ours − few) / "
                f"(full − few) with full = {BASELINE} with all {len(prep.train)} train cases labeled.", ""]
+    pre = {}
+    for r in results:
+        if r.get("pretraining"):
+            pre[(r["trainer"], r["seed"])] = r["pretraining"]
+    if pre:
+        md += ["## Label-free pre-training (once per trainer and seed, reused by every N)", "",
+               "| trainer | seed | stage epochs | iterations | wall time |", "|---|---|---|---|---|"]
+        md += [f"| {t} | {sd} | {p.get('stage_epochs', '')} | {p['iterations']} | {p['wall_s'] / 60:.1f} min |"
+               for (t, sd), p in sorted(pre.items())]
+        md += [""]
+    curves = R.plot_learning_curves(results, BASELINE, os.path.join(cfg.out, "learning_curve.png"),
+                                    f"{BASELINE}: validation pseudo-Dice per epoch ({prep.title})") if results else None
+    if curves:
+        md += ["## Has the supervised baseline converged?", "",
+               f"nnU-Net's online validation pseudo-Dice of {BASELINE} per epoch at the smallest and the largest N "
+               f"(mean over seeds): a flat end means more iterations would not help it.", "",
+               "![learning curve](learning_curve.png)", ""]
     if failures:
         md += ["Failed runs: " + "; ".join(f"{f['trainer']} N={f['num_labeled']} seed={f['seed']}: {f['error']}"
                                           for f in failures), ""]
@@ -534,7 +622,7 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
         png = R.plot_dice_vs_labeled(rows, trainers, BASELINE, len(prep.train),
                                      os.path.join(cfg.out, "dice_vs_labeled.png"),
                                      ("QUICK MODE, numbers mean nothing: " if cfg.quick else "")
-                                     + f"MSD hippocampus, {len(prep.test)} test volumes, "
+                                     + f"{prep.title}, {len(prep.test)} test volumes, "
                                        f"{cfg.budget.total_iterations} it/run, {len(cfg.seeds)} seed(s)")
         if png:
             md_text += "\n![mean Dice vs labeled volumes](dice_vs_labeled.png)\n"
@@ -588,7 +676,7 @@ def run_benchmark(cfg: Config, log=print) -> int:
     def step(msg):
         log(f"[benchmark {time.time() - t_start:6.0f} s] {msg}")
 
-    cfg.data = check_data(cfg.data)
+    cfg.data = check_data(cfg.data, cfg.dataset)
     trainers = resolve_trainers(cfg.trainers)
     check_budget(cfg.budget, trainers)
     os.makedirs(cfg.workdir, exist_ok=True)
@@ -608,9 +696,10 @@ def run_benchmark(cfg: Config, log=print) -> int:
     if not cfg.skip_cost:
         step(f"cost: {cfg.cost_warmup} warm-up + {cfg.cost_iterations} timed iterations per trainer and stage")
         numeric = [n for n in cfg.num_labeled if n != ALL]
-        write_split(prep, min(numeric) if numeric else ALL, 0)  # stage 2 with unlabeled rows when possible
+        write_split(prep, min(numeric) if numeric else ALL, 0, cfg.spec)  # stage 2 with unlabeled rows if possible
         cost = measure_costs(
-            trainers, lambda tr, res: run_env(base_env, tr, cfg.budget, res) if tr != STOCK else
+            trainers, lambda tr, res: run_env(base_env, tr, dataclasses.replace(cfg.budget, pretraining="inside"),
+                                              res) if tr != STOCK else
             dict(base_env, nnUNet_results=res), prep.dataset, prep.plans, cfg.device, cfg.cost_warmup,
             cfg.cost_iterations, cfg.loss_sizes, cfg.loss_reps,
             os.path.join(cfg.workdir, "cost", cfg.budget.tag), log=step)

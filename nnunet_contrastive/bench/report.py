@@ -194,3 +194,34 @@ def plot_dice_vs_labeled(rows: Sequence[dict], trainers: Sequence[str], baseline
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_learning_curves(results: list[dict], baseline: str, path: str, title: str) -> str | None:
+    """Validation pseudo-Dice per epoch of `baseline` at the smallest and the largest N (mean over seeds)."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results if r["trainer"] == baseline and r.get("val_curve")]
+    if not runs:
+        return None
+    ns = sorted({r["num_labeled"] for r in runs}, key=n_sort_key)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n in dict.fromkeys([ns[0], ns[-1]]):
+        curves = [r["val_curve"] for r in runs if r["num_labeled"] == n]
+        length = min(len(c) for c in curves)
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
+        if all(math.isnan(v) for v in mean):
+            continue
+        ax.plot(range(1, length + 1), mean, marker="o", label=f"N = {n} ({len(curves)} seed(s))")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation pseudo-Dice (mean fg)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

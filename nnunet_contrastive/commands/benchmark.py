@@ -1,4 +1,4 @@
-"""`nnunet-contrastive benchmark`: label efficiency and cost on MSD hippocampus (nnunet_contrastive.bench.benchmark)."""
+"""`nnunet-contrastive benchmark`: label efficiency and cost on MSD hippocampus or ACDC (nnunet_contrastive.bench)."""
 from __future__ import annotations
 
 import os
@@ -8,25 +8,32 @@ import sys
 
 def register(sub) -> None:
     from nnunet_contrastive.bench.benchmark import BASELINE, DEFAULT_TRAINERS, FULL, QUICK
+    from nnunet_contrastive.bench.datasets import ACDC, HIPPOCAMPUS
 
     p = sub.add_parser(
-        "benchmark", help="label-efficiency and cost benchmark on MSD hippocampus (unattended; about 32 min per seed "
-                           "with --disable-tta on 2 idle cores)",
-        description="Convert Task04_Hippocampus (convert-msd), hold out a fixed test set (moved to imagesTs/labelsTs "
-                    "before nnUNetv2_plan_and_preprocess), then for each number of labeled volumes N, seed and trainer "
-                    "train with nnUNetv2_train under the same budget (cpu_small plans, same total iterations; the "
-                    "pre-training of two-stage trainers counts), predict the test set with nnUNetv2_predict and "
+        "benchmark", help="label-efficiency and cost benchmark on MSD hippocampus or ACDC (unattended)",
+        description="Convert Task04_Hippocampus (convert-msd) or ACDC (convert-acdc), hold out a fixed test set (moved "
+                    "to imagesTs/labelsTs before nnUNetv2_plan_and_preprocess; ACDC: the test patients of "
+                    "ssl4mis_split.json), then for each number of labeled volumes (ACDC: patients) N, seed and "
+                    "trainer train with nnUNetv2_train under the same budget (cpu_small plans, the same iterations "
+                    "with labels; label-free pre-training runs once per seed and is reused by every N, its cost "
+                    "reported apart; runs seeded), predict the test set with nnUNetv2_predict and "
                     "score it with nnUNetv2_evaluate_folder. Also measures seconds per iteration and peak memory of "
                     "each trainer against stock nnUNetTrainer, and the contrastive loss alone. Writes results.md, "
                     "results.json and dice_vs_labeled.png. Re-running the same command resumes: finished runs are "
                     "skipped.",
         epilog=f"Defaults (full / --quick): epochs {FULL['epochs']} / {QUICK['epochs']}, iterations "
                f"{FULL['iterations']} / {QUICK['iterations']}, pretrain epochs {FULL['pretrain_epochs']} / "
-               f"{QUICK['pretrain_epochs']}, N {' '.join(FULL['num_labeled'])} / {' '.join(QUICK['num_labeled'])}, "
-               f"test cases {FULL['test_cases']} / {QUICK['test_cases']}, training pool all remaining / "
-               f"{QUICK['pool_size']}.")
+               f"{QUICK['pretrain_epochs']}; hippocampus: N {' '.join(HIPPOCAMPUS.full['num_labeled'])} / "
+               f"{' '.join(HIPPOCAMPUS.quick['num_labeled'])}, test cases {HIPPOCAMPUS.full['test_cases']} / "
+               f"{HIPPOCAMPUS.quick['test_cases']}, training pool all remaining / {HIPPOCAMPUS.quick['pool_size']}; "
+               f"ACDC: N {' '.join(ACDC.full['num_labeled'])} patients / {' '.join(ACDC.quick['num_labeled'])}, the "
+               f"ssl4mis split (70 / 10 / 20 patients) / {ACDC.quick['pool_size']} train, 1 val, 1 test patient.")
+    p.add_argument("--dataset", default="hippocampus", choices=("hippocampus", "acdc"),
+                   help="hippocampus (MSD Task04) or acdc (ACDC training patients, ssl4mis split); default "
+                        "hippocampus")
     p.add_argument("--data", default=None,
-                   help="MSD Task04_Hippocampus folder (default <repository>/../shared/data/Task04_Hippocampus)")
+                   help="the dataset's folder (default <repository>/../shared/data/Task04_Hippocampus or .../ACDC)")
     p.add_argument("--workdir", default=None,
                    help=f"work folder: nnU-Net folders, runs, cost (default ./{FULL['workdir']}, "
                         f"--quick ./{QUICK['workdir']})")
@@ -36,15 +43,20 @@ def register(sub) -> None:
                         f"the reference, e.g. --trainers nnUNetTrainerSPCon nnUNetTrainerMeanTeacher "
                         f"nnUNetTrainerUnsupCon")
     p.add_argument("--num-labeled", nargs="+", default=None,
-                   help="numbers of labeled training volumes and/or 'all' (default 1 2 4 all)")
+                   help="numbers of labeled training volumes (ACDC: patients) and/or 'all' (default hippocampus 1 2 "
+                        "4 all, ACDC 1 3 7 all; ACDC seed 0 = the first N patients of the published train list)")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="seeds of the labeled subsets (default 0; e.g. 0 1 2 for a report)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run, pre-training included")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs per run (with --pretraining inside: pre-training included)")
     p.add_argument("--iterations", type=int, default=None, help="training iterations per epoch")
     p.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch")
     p.add_argument("--pretrain-epochs", type=int, default=None,
-                   help="of --epochs, contrastive pre-training epochs of two-stage trainers (nnUNetTrainerSPCon, "
+                   help="epochs of each label-free pre-training stage of two-stage trainers (nnUNetTrainerSPCon, "
                         "nnUNetTrainerUnsupCon, ...)")
+    p.add_argument("--pretraining", default="separate", choices=("separate", "inside"),
+                   help="separate (default): pre-training runs once per seed, outside the budget, and every N "
+                        "fine-tunes from it; inside: pre-training epochs count inside --epochs (older rule)")
     p.add_argument("--disable-tta", action="store_true", default=None,
                    help="predict without test-time mirroring (faster; always on with --quick)")
     p.add_argument("--test-cases", type=int, default=None, help="held-out test volumes")
@@ -68,7 +80,11 @@ def build_config(args):
     from nnunet_contrastive.bench.benchmark import (FULL, QUICK, SETUP_FILE, BenchmarkError, Budget, Config, command_line,
                                               default_data_dir, parse_num_labeled)
 
-    preset = QUICK if args.quick else FULL
+    from nnunet_contrastive.bench.datasets import DATASETS
+
+    spec = DATASETS[args.dataset]
+    preset = {**(QUICK if args.quick else FULL), **(spec.quick if args.quick else spec.full)}
+    preset["workdir"] = preset["workdir"] + ("" if spec.key == "hippocampus" else f"_{spec.key}")
 
     def pick(name):
         value = getattr(args, name)
@@ -76,7 +92,7 @@ def build_config(args):
 
     workdir = os.path.abspath(pick("workdir"))
     for name in ("test_cases", "val_cases", "cost_iterations"):
-        if pick(name) < 1:
+        if pick(name) is not None and pick(name) < 1:
             raise BenchmarkError(f"--{name.replace('_', '-')} must be >= 1, got {pick(name)}.")
     if pick("cost_warmup") < 0:
         raise BenchmarkError(f"--cost-warmup must be >= 0, got {pick('cost_warmup')}.")
@@ -84,11 +100,12 @@ def build_config(args):
     if bad:
         raise BenchmarkError(f"--loss-sizes: {bad} — 2N must be an even number >= 2.")
     return Config(
-        data=args.data or default_data_dir(), workdir=workdir,
+        data=args.data or default_data_dir(args.dataset), workdir=workdir, dataset=args.dataset,
         out=os.path.abspath(args.out) if args.out else os.path.join(workdir, "report"),
         trainers=args.trainers, num_labeled=parse_num_labeled(pick("num_labeled")), seeds=args.seeds or [0],
         budget=Budget(epochs=pick("epochs"), iterations=pick("iterations"), val_iterations=pick("val_iterations"),
-                      pretrain_epochs=pick("pretrain_epochs"), disable_tta=bool(pick("disable_tta"))),
+                      pretrain_epochs=pick("pretrain_epochs"), disable_tta=bool(pick("disable_tta")),
+                      pretraining=args.pretraining),
         dataset_id=preset["dataset_id"], test_cases=pick("test_cases"), val_cases=pick("val_cases"),
         pool_size=preset["pool_size"], split_seed=args.split_seed, device=args.device, quick=args.quick,
         skip_cost=args.skip_cost, skip_label_efficiency=args.skip_label_efficiency,
@@ -108,7 +125,7 @@ def run(args) -> int:
         if len(set(cfg.seeds)) != len(cfg.seeds):
             raise BenchmarkError(f"--seeds: {cfg.seeds} repeats a seed.")
         # fail on bad input before deleting or converting anything
-        check_data(cfg.data)
+        check_data(cfg.data, cfg.dataset)
         resolve_trainers(cfg.trainers)
         if args.fresh and os.path.isdir(cfg.workdir):
             if os.listdir(cfg.workdir) and not os.path.isfile(os.path.join(cfg.workdir, setup_file)) \

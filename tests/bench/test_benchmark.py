@@ -129,13 +129,19 @@ def test_resolve_trainers():
 
 
 def test_budget_statement_and_checks():
-    b = Budget(epochs=10, iterations=60, val_iterations=4, pretrain_epochs=2)
+    b = Budget(epochs=10, iterations=60, val_iterations=4, pretrain_epochs=2, pretraining="inside")
     text = b.describe([SP])
     assert b.total_iterations == 600
     assert "10 epochs x 60 iterations = 600" in text and "2x60 = 120 contrastive pre-training + 8x60 = 480" in text
     check_budget(b, [BASELINE, SP])
     with pytest.raises(BenchmarkError, match="pretrain-epochs"):
-        check_budget(Budget(2, 5, 1, 2), [BASELINE, SP])
+        check_budget(Budget(2, 5, 1, 2, pretraining="inside"), [BASELINE, SP])
+    sep = Budget(epochs=10, iterations=60, val_iterations=4, pretrain_epochs=2)  # the default regime
+    text = sep.describe([SP])
+    assert "the same 10x60 = 600 iterations after 2x60 = 120 label-free pre-training" in text
+    check_budget(Budget(2, 5, 1, 2), [BASELINE, SP])  # separate: pre-training may be as long as the run
+    with pytest.raises(BenchmarkError, match="pretrain-epochs must be >= 1"):
+        check_budget(Budget(2, 5, 1, 0), [BASELINE, SP])
     check_budget(Budget(2, 5, 1, 2), [BASELINE])  # no two-stage trainer: no constraint
     with pytest.raises(BenchmarkError, match="--iterations"):
         check_budget(Budget(2, 0, 1, 1), [BASELINE])
@@ -144,6 +150,37 @@ def test_budget_statement_and_checks():
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(BenchmarkError, match="--data"):
         check_data(str(tmp_path / "nowhere"))
+    with pytest.raises(BenchmarkError, match="ssl4mis_split.json"):
+        check_data(str(tmp_path / "nowhere"), "acdc")
+
+
+def test_acdc_split_and_labeled_patients_follow_the_published_protocol():
+    """Split by patient from ssl4mis_split.json; seed 0 labels the first N patients of its train list (both
+    frames), other seeds draw N whole patients."""
+    from nnunet_contrastive.bench.datasets import ACDC
+
+    split = {"train": ["patient003", "patient001", "patient004", "patient002"], "val": ["patient005"],
+             "test": ["patient006"]}
+    groups = {f"patient{p:03d}_frame{f:02d}": f"patient{p:03d}" for p in range(1, 7) for f in (1, 12)}
+    cases = sorted(groups)
+
+    class Spec(type(ACDC)):
+        def published_split(self, src):
+            return split
+
+    spec = Spec(**{f.name: getattr(ACDC, f.name) for f in ACDC.__dataclass_fields__.values()})
+    test, pool, val, dropped = spec.split("src", cases, groups, None, None, None, 0)
+    assert test == ["patient006_frame01", "patient006_frame12"] and val == ["patient005_frame01", "patient005_frame12"]
+    assert len(pool) == 10 and not dropped and not set(test) & set(pool)
+    train = [c for c in pool if c not in val]
+    first = spec.labeled(train, 1, 0, groups, split["train"])
+    assert first == ["patient003_frame01", "patient003_frame12"]
+    assert {groups[c] for c in spec.labeled(train, 2, 0, groups, split["train"])} == {"patient003", "patient001"}
+    other = spec.labeled(train, 2, 1, groups, split["train"])
+    assert len(other) == 4 and len({groups[c] for c in other}) == 2  # whole patients
+    assert spec.labeled(train, "all", 3, groups, split["train"]) == sorted(train)
+    _, small_pool, _, small_dropped = spec.split("src", cases, groups, 1, 1, 2, 0)
+    assert {groups[c] for c in small_pool} == {"patient003", "patient001", "patient005"} and small_dropped
 
 
 def test_cli_bad_input_exits_2(tmp_path):
@@ -187,6 +224,13 @@ def test_quick_benchmark_end_to_end(hippocampus_dir, tmp_path):
         assert r["num_test"] == len(setup["test"]) and set(r["dice"]) == {"Anterior", "Posterior", "mean"}
         assert len(r["labeled"]) == (1 if r["num_labeled"] == 1 else r["num_train"])
     assert res["budget"]["total_iterations"] == res["budget"]["epochs"] * res["budget"]["iterations"]
+    # label-free pre-training ran once for the seed and both N fine-tuned from it; FewLabels has a learning curve
+    pre = {json.dumps(r["pretraining"], sort_keys=True) for r in res["runs"] if r["trainer"] == SP}
+    assert len(pre) == 1 and json.loads(pre.pop())["iterations"] == res["budget"]["pretrain_epochs"] * \
+        res["budget"]["iterations"]
+    assert all(r["pretraining"] is None and len(r["val_curve"]) == res["budget"]["epochs"]
+               for r in res["runs"] if r["trainer"] == BASELINE)
+    assert "Label-free pre-training" in md and (report / "learning_curve.png").is_file()
     stages = [(c["trainer"], c["stage"]) for c in res["cost"]["trainers"]]
     assert stages == [("nnUNetTrainer", None), (BASELINE, None), (SP, 1), (SP, 2)]
     assert res["cost"]["trainers"][0]["s_per_it_ratio"] == 1.0
@@ -199,3 +243,27 @@ def test_quick_benchmark_end_to_end(hippocampus_dir, tmp_path):
     res2 = json.loads((report / "results.json").read_text())
     assert res2["wall"]["invocations"] == 2 and res2["wall"]["total_s"] >= res["wall"]["total_s"]
     print(f"quick benchmark: {wall:.0f} s")
+
+
+def test_quick_benchmark_acdc(acdc_dir, tmp_path):
+    """--dataset acdc: the published split by patient, test patients held out before planning, per-structure Dice."""
+    from conftest import cli_env
+    from nnunet_contrastive.prep.pipeline import console_script
+
+    wd = tmp_path / "bench_acdc"
+    out = subprocess.run([console_script("nnunet-contrastive"), "benchmark", "--dataset", "acdc", "--quick",
+                          "--workdir", str(wd), "--data", acdc_dir, "--skip-cost", "--trainers",
+                          "nnUNetTrainerMeanTeacher"], env=cli_env({}), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    res = json.loads((wd / "report" / "results.json").read_text())
+    setup = json.loads((wd / "benchmark_setup.json").read_text())
+    split = json.load(open(os.path.join(acdc_dir, "ssl4mis_split.json")))
+    assert {setup["groups"][c] for c in setup["test"]} == {split["test"][0]}
+    assert {setup["groups"][c] for c in setup["val"]} == {split["val"][0]}
+    pre = wd / "nnUNet_preprocessed" / "Dataset944_ACDC"
+    assert sorted(f[:-len(".nii.gz")] for f in os.listdir(pre / "gt_segmentations")) == sorted(setup["pool"])
+    for r in res["runs"]:
+        assert r["num_test"] == 2 and len(r["dice"]) == 4  # three structures + mean
+        if r["num_labeled"] == 1:  # seed 0: the first patient of the published train list, both frames
+            assert {setup["groups"][c] for c in r["labeled"]} == {split["train"][0]} and len(r["labeled"]) == 2
+    assert "ACDC" in (wd / "report" / "results.md").read_text()
