@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 
 from nnunet_contrastive.bench.report import ALL, n_sort_key
+from nnunet_contrastive.errors import UserInputError
 
 BASELINE = "nnUNetTrainerFewLabels"
 DEFAULT_TRAINERS = [BASELINE, "nnUNetTrainerSPCon"]
@@ -60,7 +61,7 @@ QUICK = dict(dataset_id=942, test_cases=2, val_cases=1, pool_size=12, num_labele
              loss_sizes=[64, 128], loss_reps=3, disable_tta=True, workdir="nnunet_contrastive_benchmark_quick")
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserInputError):
     """Bad input or an unusable work folder; the message says what to change."""
 
 
