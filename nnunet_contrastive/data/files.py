@@ -6,7 +6,8 @@ column. `read_json` adds JSON parsing with the line and column of a syntax error
 
 Writing: every output is written to a temporary sibling and renamed over the old one at the end (`os.replace` is
 atomic on one file system): a command that fails half-way leaves the previous output byte-identical.
-`atomic_write_text` / `atomic_write_json` / `atomic_copy` do this for files, `replaced_folder` for folders.
+`replaced_file` and `replaced_folder` do this for files and folders; `atomic_write_text`, `atomic_write_json`
+and `atomic_copy` use the first.
 """
 from __future__ import annotations
 
@@ -65,17 +66,24 @@ def _temporary_sibling(path: str) -> str:
     return os.path.join(folder, f".{name}.partial-{uuid.uuid4().hex[:8]}")
 
 
-def atomic_write_text(path: str, text: str) -> str:
-    """Write `text` (UTF-8) to `path` through a temporary sibling; the old file stays intact on any failure."""
+@contextmanager
+def replaced_file(path: str):
+    """Yield a temporary sibling of `path` to write; when the block succeeds it replaces `path`, when it fails it
+    is deleted and `path` is untouched."""
     tmp = _temporary_sibling(path)
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.lexists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> str:
+    """Write `text` (UTF-8) to `path` through a temporary sibling; the old file stays intact on any failure."""
+    with replaced_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
     return path
 
 
@@ -85,14 +93,8 @@ def atomic_write_json(path: str, obj, indent: int = 1) -> str:
 
 def atomic_copy(src: str, dst: str) -> str:
     """Copy `src` to `dst` through a temporary sibling of `dst`."""
-    tmp = _temporary_sibling(dst)
-    try:
+    with replaced_file(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        raise
     return dst
 
 

@@ -367,20 +367,6 @@ MSD_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(MSD_CASES))
-def test_convert_msd_bad_input(nnunet_env, tmp_path, capsys, case):
-    src = _tiny_msd(str(tmp_path))
-    rc, _, err = run_main(capsys, ["convert-msd", src, "-d", "5"])
-    assert rc == 0, err  # earlier output: Dataset005_Tiny
-    before = snapshot(nnunet_env["nnUNet_raw"])
-    damage, names = MSD_CASES[case]
-    damage(src)
-    rc, _, err = run_main(capsys, ["convert-msd", src, "-d", "5", "--overwrite"])
-    assert_user_error(rc, err, *names)
-    assert snapshot(nnunet_env["nnUNet_raw"]) == before
-    assert os.listdir(nnunet_env["nnUNet_raw"]) == ["Dataset005_Tiny"]
-
-
 def _tiny_acdc(root):
     """ACDC layout: 2 patients with 3 frames of 3x8x8, ED = 1 and ES = 3 with ground truth."""
     src = os.path.join(root, "ACDC", "training")
@@ -414,17 +400,22 @@ ACDC_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(ACDC_CASES))
-def test_convert_acdc_bad_input(nnunet_env, tmp_path, capsys, case):
-    src = _tiny_acdc(str(tmp_path))
-    rc, _, err = run_main(capsys, ["convert-acdc", src, "-d", "27"])
-    assert rc == 0, err
+CONVERT_CASES = {("convert-msd", case): (_tiny_msd, "5", *v) for case, v in MSD_CASES.items()}
+CONVERT_CASES.update({("convert-acdc", case): (_tiny_acdc, "27", *v) for case, v in ACDC_CASES.items()})
+
+
+@pytest.mark.parametrize("command, case", sorted(CONVERT_CASES))
+def test_convert_bad_input(nnunet_env, tmp_path, capsys, command, case):
+    make_source, dataset_id, damage, names = CONVERT_CASES[command, case]
+    src = make_source(str(tmp_path))
+    rc, _, err = run_main(capsys, [command, src, "-d", dataset_id])
+    assert rc == 0, err  # earlier output: the converted dataset, which a failed --overwrite must not touch
     before = snapshot(nnunet_env["nnUNet_raw"])
-    damage, names = ACDC_CASES[case]
     damage(src)
-    rc, _, err = run_main(capsys, ["convert-acdc", src, "-d", "27", "--overwrite"])
+    rc, _, err = run_main(capsys, [command, src, "-d", dataset_id, "--overwrite"])
     assert_user_error(rc, err, *names)
     assert snapshot(nnunet_env["nnUNet_raw"]) == before
+    assert len(os.listdir(nnunet_env["nnUNet_raw"])) == 1  # no temporary folder left behind
 
 
 def test_convert_acdc_accepts_info_cfg_with_byte_order_mark(nnunet_env, tmp_path, capsys):
