@@ -90,8 +90,7 @@ def run(args) -> int:
     step(f"3/5 plans '{plans}' (cpu_small override); labeled subset: {args.num_labeled} patient(s) in fold 0")
     ns = type("A", (), dict(dataset=str(DATASET_ID), num_labeled=args.num_labeled, seed=args.seed, by="patient",
                             folds=[0]))
-    if select_labeled(ns) != 0:
-        return 2
+    select_labeled(ns)  # raises a UserInputError on bad input
 
     rows = []
     labels = json.load(open(os.path.join(raw, "dataset.json")))["labels"]

@@ -162,7 +162,8 @@ def split_problems(splits, known_cases=None) -> list[str]:
             continue
         both = sorted(set(s["train"]) & set(s["val"]))
         if both:
-            errors.append(f"fold {fold}: case(s) {both[:5]} are in both 'train' and 'val' ({len(both)} in all).")
+            errors.append(f"fold {fold}: case(s) {both[:5]} are in both 'train' and 'val' ({len(both)} in all): "
+                          f"validation would score training cases (to train on every case, use fold 'all').")
         if not s["train"]:
             errors.append(f"fold {fold}: the 'train' list is empty.")
         if LABELED_KEY in s:

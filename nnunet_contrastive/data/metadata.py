@@ -183,8 +183,8 @@ def read_metadata(path: str, dataset_json: dict | None = None) -> MetadataTable:
     if near:
         c, ours = next(iter(near.items()))
         default = " and every case would count as its own patient" if ours == PATIENT_COLUMN else ""
-        raise MetadataError(f"column '{c}' looks like '{ours}', but column names are case-sensitive: it would not "
-                            f"be read as '{ours}'{default}.", where=path,
+        raise MetadataError(f"column '{c}' looks like '{ours}' but is not spelled exactly so (names are "
+                            f"case-sensitive): it would not be read as '{ours}'{default}.", where=path,
                             fix=f"Rename it to '{ours}' (or, if it means something else, to a name that does not "
                                 f"look like '{ours}').")
     for i, c in enumerate(columns):
@@ -241,8 +241,8 @@ def near_miss_columns(columns: list[str]) -> dict[str, str]:
 
 
 def refuse_stale_copy(path: str) -> None:
-    """Raise if `path` is the copy of metadata.csv in `$nnUNet_preprocessed/<dataset>/` and the raw table
-    `$nnUNet_raw/<dataset>/metadata.csv` no longer has the same content (edited after `nnunet-contrastive check`)."""
+    """Raise if `path` is a copy in `$nnUNet_preprocessed/<dataset>/` of a table in `$nnUNet_raw/<dataset>/` that
+    no longer has the same content (edited after `nnunet-contrastive check` copied it)."""
     pre_root, raw_root = os.environ.get("nnUNet_preprocessed"), os.environ.get("nnUNet_raw")
     if not pre_root or not raw_root:
         return
@@ -250,7 +250,7 @@ def refuse_stale_copy(path: str) -> None:
     if os.path.dirname(os.path.realpath(folder)) != os.path.realpath(pre_root):
         return
     dataset = os.path.basename(folder)
-    raw = os.path.join(raw_root, dataset, METADATA_FILENAME)
+    raw = os.path.join(raw_root, dataset, os.path.basename(path))
     if not os.path.isfile(raw) or os.path.realpath(raw) == os.path.realpath(path):
         return
     with open(raw, "rb") as a, open(path, "rb") as b:
