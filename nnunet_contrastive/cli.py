@@ -3,6 +3,10 @@
 Each subcommand lives in its own module, which defines `register(subparsers)`: it adds its parser and sets
 `func(args) -> int` as the parser default. Add a module to `SUBCOMMAND_MODULES` to add a subcommand.
 Modules are imported lazily by name so `--help` stays fast and a broken optional piece names itself.
+
+Bad input raises `nnunet_contrastive.errors.UserInputError` (or a subclass) anywhere below a subcommand: `main`
+prints it as one `error:` message and returns 1, without a traceback. Any other exception is a bug and keeps its
+traceback. Command-line syntax errors are argparse's (usage message, exit code 2).
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import importlib
 import sys
 
 from nnunet_contrastive import __version__
+from nnunet_contrastive.errors import UserInputError
 
 SUBCOMMAND_MODULES = [
     "nnunet_contrastive.commands.env",
@@ -42,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UserInputError as e:
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

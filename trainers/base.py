@@ -100,6 +100,9 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainer):
 
     # ------------------------------------------------------------------ data split
     def do_split(self):
+        from nnunet_contrastive.data.labeled import check_training_split
+
+        check_training_split(self.preprocessed_dataset_folder_base, self.preprocessed_dataset_folder)
         tr_keys, val_keys = super().do_split()
         labeled, unlabeled = tr_keys, []
         splits_file = os.path.join(self.preprocessed_dataset_folder_base, SPLITS_FILENAME)
@@ -173,6 +176,8 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainer):
         if not isinstance(filename_or_checkpoint, str):
             raise TypeError("nnunet-contrastive trainers load checkpoints from a file path (nnU-Net 2.8.1's "
                             "load_checkpoint cannot take a dict).")
+        from nnunet_contrastive.data.checkpoints import read_checkpoint
+
+        checkpoint = read_checkpoint(filename_or_checkpoint, map_location=self.device)  # names a broken file
         super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
         self.load_extra_checkpoint_state(checkpoint.get(CHECKPOINT_KEY, {}))

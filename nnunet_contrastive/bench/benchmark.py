@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass, field
 
 from nnunet_contrastive.bench.report import ALL, n_sort_key
+from nnunet_contrastive.errors import UserInputError
 
 BASELINE = "nnUNetTrainerFewLabels"
 DEFAULT_TRAINERS = [BASELINE, "nnUNetTrainerSPCon"]
@@ -61,7 +62,7 @@ QUICK = dict(epochs=2, iterations=3, val_iterations=1, pretrain_epochs=1, cost_w
              loss_sizes=[64, 128], loss_reps=3, disable_tta=True, workdir="nnunet_contrastive_benchmark_quick")
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserInputError):
     """Bad input or an unusable work folder; the message says what to change."""
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 
 
 def register(sub) -> None:
@@ -96,6 +95,11 @@ def build_config(args):
             raise BenchmarkError(f"--{name.replace('_', '-')} must be >= 1, got {pick(name)}.")
     if pick("cost_warmup") < 0:
         raise BenchmarkError(f"--cost-warmup must be >= 0, got {pick('cost_warmup')}.")
+    from nnunet_contrastive.data.labeled import check_seed
+
+    for seed in args.seeds or []:
+        check_seed(seed, "--seeds")
+    check_seed(args.split_seed, "--split-seed")
     bad = [s for s in pick("loss_sizes") if s < 2 or s % 2]
     if bad:
         raise BenchmarkError(f"--loss-sizes: {bad} — 2N must be an even number >= 2.")
@@ -115,25 +119,17 @@ def build_config(args):
 
 def run(args) -> int:
     from nnunet_contrastive.bench.benchmark import BenchmarkError, check_data, run_benchmark, resolve_trainers
-    from nnunet_contrastive.prep.converters import ConversionError
-    from nnunet_contrastive.data.labeled import LabeledSubsetError
-    from nnunet_contrastive.data.metadata import MetadataError
-    from nnunet_contrastive.prep.plans_override import PlansOverrideError
 
-    try:
-        cfg, setup_file = build_config(args)
-        if len(set(cfg.seeds)) != len(cfg.seeds):
-            raise BenchmarkError(f"--seeds: {cfg.seeds} repeats a seed.")
-        # fail on bad input before deleting or converting anything
-        check_data(cfg.data, cfg.dataset)
-        resolve_trainers(cfg.trainers)
-        if args.fresh and os.path.isdir(cfg.workdir):
-            if os.listdir(cfg.workdir) and not os.path.isfile(os.path.join(cfg.workdir, setup_file)) \
-                    and not os.path.isdir(os.path.join(cfg.workdir, "nnUNet_raw")):
-                raise BenchmarkError(f"--fresh: {cfg.workdir} does not look like a benchmark work folder (no "
-                                     f"{setup_file}); not deleting it.")
-            shutil.rmtree(cfg.workdir)
-        return run_benchmark(cfg)
-    except (BenchmarkError, ConversionError, MetadataError, LabeledSubsetError, PlansOverrideError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, setup_file = build_config(args)
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise BenchmarkError(f"--seeds: {cfg.seeds} repeats a seed.")
+    # fail on bad input before deleting or converting anything
+    check_data(cfg.data, cfg.dataset)
+    resolve_trainers(cfg.trainers)
+    if args.fresh and os.path.isdir(cfg.workdir):
+        if os.listdir(cfg.workdir) and not os.path.isfile(os.path.join(cfg.workdir, setup_file)) \
+                and not os.path.isdir(os.path.join(cfg.workdir, "nnUNet_raw")):
+            raise BenchmarkError(f"--fresh: {cfg.workdir} does not look like a benchmark work folder (no "
+                                 f"{setup_file}); not deleting it.")
+        shutil.rmtree(cfg.workdir)
+    return run_benchmark(cfg)

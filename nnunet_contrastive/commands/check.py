@@ -9,7 +9,6 @@ The checks themselves are `nnunet_contrastive.prep.dataset_check.check_dataset` 
 from __future__ import annotations
 
 import os
-import sys
 
 
 def register(sub) -> None:
@@ -20,40 +19,34 @@ def register(sub) -> None:
                     "'meta_labels'. Every case needs a metadata row, every row a case, values must be non-empty and "
                     "of one type per column. Prints the number of cases per meta-label value. On success, copies "
                     "metadata.csv into nnUNet_preprocessed/DatasetXXX_Name if that folder exists (run check again "
-                    "after nnUNetv2_plan_and_preprocess). Exit code 2 and one 'error:' line per problem otherwise.")
+                    "after nnUNetv2_plan_and_preprocess). Also reads every image and label file completely: "
+                    "truncated or corrupt files, 4D images in a one-channel dataset, image/label grid mismatches and "
+                    "label values outside dataset.json 'labels' are errors. Exit code 1 and every problem listed "
+                    "otherwise.")
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name (DatasetXXX_Name)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from nnunet_contrastive.data.metadata import METADATA_FILENAME, copy_metadata
+    from nnunet_contrastive.errors import UserInputError
     from nnunet_contrastive.prep.dataset_check import check_dataset
-    from nnunet_contrastive.data.metadata import METADATA_FILENAME, MetadataError, copy_metadata
-    from nnunet_contrastive.prep.nnunet_paths import NnUNetPathError, raw_folder
+    from nnunet_contrastive.prep.nnunet_paths import raw_folder
 
-    try:
-        raw = raw_folder(args.dataset)
-    except NnUNetPathError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    raw = raw_folder(args.dataset)
     report = check_dataset(raw)
     print(f"dataset {raw}")
     for w in report.warnings:
         print(f"note: {w}")
-    if not report.ok:
-        for e in report.errors:
-            print(f"error: {e}", file=sys.stderr)
-        print(f"{len(report.errors)} problem(s) found; fix them and run 'nnunet-contrastive check -d {args.dataset}' "
-              f"again.", file=sys.stderr)
-        return 2
+    report.raise_for_errors()
     print(report.format_counts())
     pre_root = os.environ.get("nnUNet_preprocessed")
     pre = os.path.join(pre_root, os.path.basename(raw)) if pre_root else None
     if pre and os.path.isdir(pre):
         try:
             dst = copy_metadata(raw, pre)
-        except (OSError, MetadataError) as e:
-            print(f"error: could not copy {METADATA_FILENAME} to {pre}: {e}", file=sys.stderr)
-            return 2
+        except OSError as e:
+            raise UserInputError(f"could not copy {METADATA_FILENAME} to {pre} ({e}).") from None
         print(f"copied {METADATA_FILENAME} to {dst}")
     else:
         print(f"note: {pre or 'nnUNet_preprocessed (not set)'} does not exist yet: run this check again after "

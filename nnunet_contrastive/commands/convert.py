@@ -1,8 +1,6 @@
 """`nnunet-contrastive convert-msd` and `convert-acdc`: public layouts -> nnU-Net v2 raw format + metadata.csv."""
 from __future__ import annotations
 
-import sys
-
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -53,18 +51,13 @@ def run_acdc(args) -> int:
 def _run(convert, args, name) -> int:
     import os
 
-    from nnunet_contrastive.prep.converters import ConversionError
-    from nnunet_contrastive.data.metadata import MetadataError
+    from nnunet_contrastive.errors import UserInputError
 
     try:
         res = convert(args.src, args.dataset_id, name, raw_root=os.environ.get("nnUNet_raw", ""),
                       overwrite=args.overwrite, link=args.link, log=print)
-    except (ConversionError, MetadataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.__class__.__name__}: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:  # e.g. no permission or no space left: nothing was written (see write_dataset)
+        raise UserInputError(f"{e.__class__.__name__}: {e}") from None
     print(f"wrote {res.folder}")
     print(f"  {res.num_labeled} labeled training cases (imagesTr/labelsTr), {res.num_test} test images (imagesTs), "
           f"{res.num_unlabeled} unlabeled (imagesUnlabeled)")

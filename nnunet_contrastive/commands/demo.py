@@ -35,7 +35,7 @@ def register(sub) -> None:
                    help="of --epochs, contrastive pre-training epochs of two-stage trainers (default 2)")
     p.add_argument("--iterations", type=int, default=20, help="iterations per epoch (default 20)")
     p.add_argument("--size", type=int, default=48, help="in-plane size of the phantoms in pixels (default 48)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the phantoms and the labeled subset")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantoms and the labeled subset (a non-negative integer)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="training/inference device")
     p.add_argument("--fresh", action="store_true", help="delete --workdir first (otherwise finished steps are reused)")
     p.set_defaults(func=run)
@@ -44,10 +44,12 @@ def register(sub) -> None:
 def run(args) -> int:
     from nnunet_contrastive.prep import pipeline
     from nnunet_contrastive.commands.select_labeled import run as select_labeled
+    from nnunet_contrastive.data.labeled import check_seed
     from nnunet_contrastive.data.metadata import copy_metadata
     from nnunet_contrastive.prep.phantom import generate_phantom_dataset
     from nnunet_contrastive.prep.plans_override import derive_plans
 
+    check_seed(args.seed)  # before anything is deleted or written
     t_start = time.time()
     trainers = args.trainers or DEFAULT_TRAINERS
     device = args.device
@@ -88,8 +90,7 @@ def run(args) -> int:
     step(f"3/5 plans '{plans}' (cpu_small override); labeled subset: {args.num_labeled} patient(s) in fold 0")
     ns = type("A", (), dict(dataset=str(DATASET_ID), num_labeled=args.num_labeled, seed=args.seed, by="patient",
                             folds=[0]))
-    if select_labeled(ns) != 0:
-        return 2
+    select_labeled(ns)  # raises a UserInputError on bad input
 
     rows = []
     labels = json.load(open(os.path.join(raw, "dataset.json")))["labels"]

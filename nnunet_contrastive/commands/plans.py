@@ -1,9 +1,7 @@
 """`nnunet-contrastive plans`: derive a plans identifier from a dataset's plans and a JSON override."""
 from __future__ import annotations
 
-import sys
-
-from nnunet_contrastive.prep.plans_override import PlansOverrideError, available_overrides, derive_plans
+from nnunet_contrastive.prep.plans_override import available_overrides, derive_plans
 
 
 def register(sub) -> None:
@@ -20,12 +18,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nnunet_contrastive.prep.nnunet_paths import NnUNetPathError, preprocessed_folder
+    from nnunet_contrastive.prep.nnunet_paths import preprocessed_folder
 
-    try:
-        new = derive_plans(preprocessed_folder(args.dataset), args.override, args.plans, args.name)
-    except (PlansOverrideError, NnUNetPathError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    new = derive_plans(preprocessed_folder(args.dataset), args.override, args.plans, args.name)
     print(f"wrote plans '{new}': use -p {new}")
     return 0

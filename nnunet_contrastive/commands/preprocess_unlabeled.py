@@ -2,8 +2,6 @@
 plans (nnunet_contrastive.prep.preprocess_unlabeled)."""
 from __future__ import annotations
 
-import sys
-
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -23,19 +21,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nnunet_contrastive.data.metadata import MetadataError
-    from nnunet_contrastive.prep.nnunet_paths import NnUNetPathError, preprocessed_folder, raw_folder
+    from nnunet_contrastive.prep.nnunet_paths import preprocessed_folder, raw_folder
     from nnunet_contrastive.prep.preprocess_unlabeled import UnlabeledPreprocessError, preprocess_unlabeled
 
     if args.num_processes < 1:
-        print(f"error: -np must be >= 1, got {args.num_processes}.", file=sys.stderr)
-        return 2
-    try:
-        raw, pre = raw_folder(args.dataset), preprocessed_folder(args.dataset)
-        res = preprocess_unlabeled(raw, pre, args.plans, args.configuration, args.num_processes)
-    except (NnUNetPathError, MetadataError, UnlabeledPreprocessError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UnlabeledPreprocessError(f"-np must be >= 1, got {args.num_processes}.")
+    raw, pre = raw_folder(args.dataset), preprocessed_folder(args.dataset)
+    res = preprocess_unlabeled(raw, pre, args.plans, args.configuration, args.num_processes)
     print(f"wrote {len(res.cases)} unlabeled case(s) to {res.folder}")
     print(f"note: run 'nnunet-contrastive check -d {args.dataset}' to validate metadata.csv and copy it to {pre}")
     return 0

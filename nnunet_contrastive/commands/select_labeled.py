@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 import sys
 
-from nnunet_contrastive.data.labeled import (LabeledSubsetError, SPLITS_FILENAME, apply_selection,
-                                        grouped_crossval_split, patients_across_train_and_val, read_splits,
-                                        write_splits)
+from nnunet_contrastive.data.labeled import (LabeledSubsetError, SPLITS_FILENAME, apply_selection, check_seed,
+                                             grouped_crossval_split, patients_across_train_and_val, read_splits,
+                                             write_splits)
 from nnunet_contrastive.data.metadata import METADATA_FILENAME, MetadataError, load_dataset_json, read_metadata
 
 
@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
     p.add_argument("--num-labeled", required=True,
                    help="number of labeled cases (patients with --by patient) per fold, or 'all'")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, a non-negative integer (default 0)")
     p.add_argument("--by", choices=("case", "patient"), default="case",
                    help="count and keep together cases (default) or patients (metadata.csv 'patient' column)")
     p.add_argument("-f", "--folds", type=int, nargs="*", default=None, help="folds to set (default: all)")
@@ -37,11 +37,12 @@ def _identifiers(preprocessed: str) -> list[str]:
 
 
 def ensure_splits(preprocessed: str, groups: dict[str, str] | None = None) -> list[dict]:
-    """nnU-Net's splits_final.json; when missing, created with nnU-Net's own rule (5-fold KFold, seed 12345),
-    over patients instead of cases when `groups` is given (so no patient is in both train and val)."""
-    if os.path.isfile(os.path.join(preprocessed, SPLITS_FILENAME)):
-        return read_splits(preprocessed)
+    """nnU-Net's splits_final.json, validated against the dataset's cases; when missing, created with nnU-Net's own
+    rule (5-fold KFold, seed 12345), over patients instead of cases when `groups` is given (so no patient is in
+    both train and val)."""
     cases = _identifiers(preprocessed)
+    if os.path.isfile(os.path.join(preprocessed, SPLITS_FILENAME)):
+        return read_splits(preprocessed, known_cases=cases)
     if groups is not None:
         missing = [c for c in cases if c not in groups]
         if missing:
@@ -69,29 +70,26 @@ def patient_groups(preprocessed: str, raw: str | None) -> dict[str, str]:
 def run(args) -> int:
     from nnunet_contrastive.prep.nnunet_paths import NnUNetPathError, preprocessed_folder, raw_folder
 
+    pre = preprocessed_folder(args.dataset)
     try:
-        pre = preprocessed_folder(args.dataset)
-        try:
-            raw = raw_folder(args.dataset)
-        except NnUNetPathError:
-            raw = None
-        n = args.num_labeled if args.num_labeled == "all" else _positive_int(args.num_labeled)
-        groups = patient_groups(pre, raw) if args.by == "patient" else None
-        splits = ensure_splits(pre, groups)
-        if groups is not None:
-            missing = sorted({k for s in splits for k in s["train"] if k not in groups})
-            if missing:
-                raise MetadataError(f"{METADATA_FILENAME}: training case(s) {missing[:5]} have no row; "
-                                    f"run 'nnunet-contrastive check' for details.")
-            for fold, pats in patients_across_train_and_val(splits, groups).items():
-                print(f"warning: fold {fold} of {SPLITS_FILENAME} has patient(s) {pats[:5]} in both train and val "
-                      f"(a case-level split). Delete the file and re-run with --by patient for a patient-level "
-                      f"split.", file=sys.stderr)
-        new = apply_selection(splits, n, args.seed, args.by, groups, args.folds)
-        path = write_splits(pre, new)
-    except (LabeledSubsetError, MetadataError, NnUNetPathError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raw = raw_folder(args.dataset)
+    except NnUNetPathError:
+        raw = None
+    n = args.num_labeled if args.num_labeled == "all" else _positive_int(args.num_labeled)
+    check_seed(args.seed)
+    groups = patient_groups(pre, raw) if args.by == "patient" else None
+    splits = ensure_splits(pre, groups)
+    if groups is not None:
+        missing = sorted({k for s in splits for k in s["train"] if k not in groups})
+        if missing:
+            raise MetadataError(f"{METADATA_FILENAME}: training case(s) {missing[:5]} have no row; "
+                                f"run 'nnunet-contrastive check' for details.")
+        for fold, pats in patients_across_train_and_val(splits, groups).items():
+            print(f"warning: fold {fold} of {SPLITS_FILENAME} has patient(s) {pats[:5]} in both train and val "
+                  f"(a case-level split). Delete the file and re-run with --by patient for a patient-level "
+                  f"split.", file=sys.stderr)
+    new = apply_selection(splits, n, args.seed, args.by, groups, args.folds)
+    path = write_splits(pre, new)
     print(f"wrote {path}")
     for fold, s in enumerate(new):
         if "labeled" in s and (args.folds is None or fold in args.folds):

@@ -9,20 +9,26 @@ ignores, so the file stays a valid nnU-Net split::
 
 A fold without a `labeled` key is fully labeled. The other training cases of the fold are unlabeled: our trainers
 never read their label files. Validation cases are untouched (labeled, as in nnU-Net).
+
+`read_splits` validates the file before anything uses it (`split_problems`): valid UTF-8 JSON, a list of folds with
+`train` and `val` lists of case names, no case in both lists of a fold, `labeled` within `train`, and, given the
+dataset's cases, no name that is not a case of this dataset (a split file copied from another dataset).
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
+
+from nnunet_contrastive.data.files import atomic_write_json, read_json
+from nnunet_contrastive.errors import UserInputError
 
 LABELED_KEY = "labeled"
 SELECTION_KEY = "labeled_selection"
 SPLITS_FILENAME = "splits_final.json"
 
 
-class LabeledSubsetError(ValueError):
+class LabeledSubsetError(UserInputError):
     """An impossible or inconsistent labeled-subset request; the message says which fold, case and how to fix it."""
 
 
@@ -35,6 +41,7 @@ def select_labeled(train_keys: list[str], num_labeled: int | str, seed: int, fol
     (seed, fold, sorted keys), never on file order.
     """
     keys = sorted(train_keys)
+    check_seed(seed)
     if num_labeled == "all":
         return keys
     if isinstance(num_labeled, bool) or not isinstance(num_labeled, (int, np.integer)) or num_labeled < 1:
@@ -62,6 +69,7 @@ def apply_selection(splits: list[dict], num_labeled: int | str, seed: int, by: s
         raise LabeledSubsetError(f"--by must be 'case' or 'patient', got {by!r}.")
     if by == "patient" and groups is None:
         raise LabeledSubsetError("--by patient needs the case -> patient mapping (metadata.csv 'patient' column).")
+    check_seed(seed)
     out = [dict(s) for s in splits]
     for fold in (range(len(out)) if folds is None else folds):
         if not 0 <= fold < len(out):
@@ -120,14 +128,94 @@ def labeled_and_unlabeled(split: dict, fold: int | str = "?") -> tuple[list[str]
     return labeled, [k for k in train if k not in lab]
 
 
-def read_splits(preprocessed_dataset_folder: str) -> list[dict]:
+def check_seed(seed, option: str = "--seed") -> int:
+    """A seed must be a non-negative integer (numpy's generators refuse negative ones)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise LabeledSubsetError(f"{option} must be a non-negative integer, got {seed!r}.")
+    return int(seed)
+
+
+def _names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def split_problems(splits, known_cases=None) -> list[str]:
+    """Problems of nnU-Net split data (`[{'train': [...], 'val': [...], 'labeled': [...]?}, ...]`), fold by fold.
+
+    `known_cases`: the dataset's case ids; every name in the file must be one of them."""
+    if not isinstance(splits, list) or not splits:
+        return [f"expected a non-empty list of folds ({{\"train\": [...], \"val\": [...]}}), got "
+                f"{type(splits).__name__}{'' if splits else ' (empty)'}."]
+    known = None if known_cases is None else set(known_cases)
+    errors = []
+    for fold, s in enumerate(splits):
+        if not isinstance(s, dict):
+            errors.append(f"fold {fold}: expected an object with 'train' and 'val', got {type(s).__name__}.")
+            continue
+        missing = [k for k in ("train", "val") if k not in s]
+        if missing:
+            errors.append(f"fold {fold}: no {' and no '.join(repr(k) for k in missing)} key (keys: {sorted(s)}).")
+            continue
+        bad = [k for k in ("train", "val", LABELED_KEY) if k in s and not _names(s[k])]
+        if bad:
+            errors.append(f"fold {fold}: {', '.join(repr(k) for k in bad)} must be a list of case names.")
+            continue
+        both = sorted(set(s["train"]) & set(s["val"]))
+        if both:
+            errors.append(f"fold {fold}: case(s) {both[:5]} are in both 'train' and 'val' ({len(both)} in all): "
+                          f"validation would score training cases (to train on every case, use fold 'all').")
+        if not s["train"]:
+            errors.append(f"fold {fold}: the 'train' list is empty.")
+        if LABELED_KEY in s:
+            stray = [k for k in s[LABELED_KEY] if k not in set(s["train"])]
+            if stray:
+                errors.append(f"fold {fold}: labeled case(s) {stray[:5]} are not in that fold's 'train' list.")
+        if known is not None:
+            unknown = sorted({k for key in ("train", "val") for k in s[key]} - known)
+            if unknown:
+                errors.append(f"fold {fold}: {len(unknown)} case(s) are not cases of this dataset (e.g. "
+                              f"{unknown[:3]}); is the file from another dataset?")
+    return errors
+
+
+def read_splits(preprocessed_dataset_folder: str, known_cases=None) -> list[dict]:
+    """`splits_final.json` of a preprocessed dataset folder, validated (`split_problems`); LabeledSubsetError
+    naming the file, fold and key otherwise."""
     path = os.path.join(preprocessed_dataset_folder, SPLITS_FILENAME)
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    fix = (f"Fix it, or delete it: 'nnunet-contrastive select-labeled' and nnU-Net then create a new one with "
+           f"nnU-Net's own 5-fold rule.")
+    splits = read_json(path, LabeledSubsetError, fix=fix)
+    errors = split_problems(splits, known_cases)
+    if errors:
+        raise LabeledSubsetError("\n  ".join([f"{path}:"] + errors) + "\n" + fix)
+    return splits
 
 
 def write_splits(preprocessed_dataset_folder: str, splits: list[dict]) -> str:
-    path = os.path.join(preprocessed_dataset_folder, SPLITS_FILENAME)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(splits, f, indent=1)
-    return path
+    """Write `splits_final.json` (through a temporary file: a failure leaves the old one intact)."""
+    return atomic_write_json(os.path.join(preprocessed_dataset_folder, SPLITS_FILENAME), splits, indent=1)
+
+
+def preprocessed_case_ids(folder: str) -> set[str]:
+    """Case ids of an nnU-Net preprocessed data folder (one `<case>.pkl` per case); empty when it does not exist."""
+    if not os.path.isdir(folder):
+        return set()
+    return {f[:-4] for f in os.listdir(folder) if f.endswith(".pkl")}
+
+
+def check_training_split(preprocessed_dataset_folder: str, data_folder: str) -> None:
+    """What a trainer checks at start-up, before nnU-Net reads the split: `splits_final.json` (if present) is
+    valid and names only cases of `data_folder` (the configuration's preprocessed folder), and no case id of the
+    unlabeled folder (`<data_folder>_unlabeled`, written by preprocess-unlabeled) is also a labeled case."""
+    from nnunet_contrastive.prep.preprocess_unlabeled import UNLABELED_SUFFIX
+
+    labeled = preprocessed_case_ids(data_folder)
+    if os.path.isfile(os.path.join(preprocessed_dataset_folder, SPLITS_FILENAME)):
+        read_splits(preprocessed_dataset_folder, known_cases=labeled or None)
+    both = sorted(labeled & preprocessed_case_ids(data_folder + UNLABELED_SUFFIX))
+    if both:
+        raise LabeledSubsetError(
+            f"case(s) {both[:5]} are both labeled cases ({data_folder}) and unlabeled cases "
+            f"({data_folder + UNLABELED_SUFFIX}); a validation case could enter the training pool.",
+            fix="Give each case one id (rename or remove it in imagesTr or imagesUnlabeled), then run "
+                "'nnunet-contrastive check' and 'nnunet-contrastive preprocess-unlabeled' again.")

@@ -2,8 +2,9 @@
 
 Format (documented in docs/data_format.md)
 -----------------------------------------
-`metadata.csv` in the raw dataset folder (`nnUNet_raw/DatasetXXX_Name/metadata.csv`), UTF-8, comma-separated, one
-header row, one row per case, labeled (`imagesTr/`) and unlabeled (`imagesUnlabeled/`) alike::
+`metadata.csv` in the raw dataset folder (`nnUNet_raw/DatasetXXX_Name/metadata.csv`), UTF-8 (a byte-order mark is
+accepted), comma-separated, one header row, one row per case, labeled (`imagesTr/`) and unlabeled
+(`imagesUnlabeled/`) alike::
 
     case,patient,phase
     patient001_frame01,patient001,ED
@@ -20,15 +21,22 @@ header row, one row per case, labeled (`imagesTr/`) and unlabeled (`imagesUnlabe
 Values are strings, non-empty, and of one type per column (all integers, all numbers or all text). Meta-label
 values are encoded as integers by rank in the sorted unique values of the whole table, so ids are consistent across
 the dataset, folds and processes.
+
+Column names are case-sensitive. A column that differs from `case`, `patient` or `phase` only in case, separators
+or a plural (`Patient`, `patient_id`, `Phases`) is an error: it would otherwise be ignored without a word (every
+case its own patient). `nnunet-contrastive check` copies the raw table into the preprocessed dataset folder for the
+trainers; reading that copy while the raw table differs from it is an error (the copy is stale: run the check again).
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 import os
-import shutil
+import re
 from dataclasses import dataclass
+
+from nnunet_contrastive.data.files import atomic_copy, read_json, read_text
+from nnunet_contrastive.errors import UserInputError
 
 METADATA_FILENAME = "metadata.csv"
 CASE_COLUMN = "case"
@@ -37,9 +45,11 @@ PHASE_COLUMN = "phase"
 DATASET_JSON_KEY = "meta_labels"
 # names our samplers derive per slice; a table column must not shadow them
 RESERVED_COLUMNS = ("position", "partition", "labeled", "slice")
+# spellings that mean one of our columns: a column named like this is a mistake, not a new meta-label
+NEAR_MISSES = {PATIENT_COLUMN: ("patientid", "patientname", "subject", "subjectid"), PHASE_COLUMN: ("cardiacphase",)}
 
 
-class MetadataError(ValueError):
+class MetadataError(UserInputError):
     """Bad or missing metadata. The message names the file, case and column, and says how to fix it."""
 
 
@@ -153,17 +163,30 @@ def read_metadata(path: str, dataset_json: dict | None = None) -> MetadataTable:
         raise MetadataError(
             f"No metadata table at {path}. Write a '{METADATA_FILENAME}' with a '{CASE_COLUMN}' column and one row "
             f"per case (docs/data_format.md), or generate one with a nnunet-contrastive converter.")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
+    refuse_stale_copy(path)
+    reader = csv.reader(io.StringIO(read_text(path, MetadataError), newline=""))
+    try:
         # blank lines are skipped everywhere (also before the header); line numbers stay the file's own
         lines = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except csv.Error as e:
+        raise MetadataError(f"line {reader.line_num}: not valid CSV ({e}).", where=path,
+                            fix="Quote values that contain commas or quotes.") from None
     if not lines:
         raise MetadataError(f"{path}: the file is empty; it needs a header row starting with '{CASE_COLUMN}'.")
     header = [h.strip() for h in lines[0][1]]
     body = lines[1:]
     if not header or header[0] != CASE_COLUMN:
-        raise MetadataError(f"{path}: the first header column must be '{CASE_COLUMN}', got {header[:1]}.")
+        hint = " (column names are case-sensitive)" if header and header[0].lower() == CASE_COLUMN else ""
+        raise MetadataError(f"{path}: the first header column must be '{CASE_COLUMN}', got {header[:1]}{hint}.")
     columns = header[1:]
+    near = near_miss_columns(columns)
+    if near:
+        c, ours = next(iter(near.items()))
+        default = " and every case would count as its own patient" if ours == PATIENT_COLUMN else ""
+        raise MetadataError(f"column '{c}' looks like '{ours}' but is not spelled exactly so (names are "
+                            f"case-sensitive): it would not be read as '{ours}'{default}.", where=path,
+                            fix=f"Rename it to '{ours}' (or, if it means something else, to a name that does not "
+                                f"look like '{ours}').")
     for i, c in enumerate(columns):
         if not c:
             raise MetadataError(f"{path}: header column {i + 2} has no name.")
@@ -196,6 +219,47 @@ def read_metadata(path: str, dataset_json: dict | None = None) -> MetadataTable:
     table = MetadataTable(columns=columns, rows=rows, source=path)
     table.meta_label_columns = declared_meta_labels(table, dataset_json, path)
     return table
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", name.lower())
+
+
+def near_miss_columns(columns: list[str]) -> dict[str, str]:
+    """column -> our column it was probably meant to be (`Patient`, `patient_id`, `Phases`, ...).
+
+    A near miss of a column that the table also has correctly is left alone (e.g. `patient` and `patient_id`)."""
+    out = {}
+    for ours in (CASE_COLUMN, PATIENT_COLUMN, PHASE_COLUMN):
+        if ours in columns:
+            continue
+        spellings = {ours, ours + "s"} | set(NEAR_MISSES.get(ours, ()))
+        for c in columns:
+            if c != ours and _normalised(c) in spellings:
+                out[c] = ours
+    return out
+
+
+def refuse_stale_copy(path: str) -> None:
+    """Raise if `path` is a copy in `$nnUNet_preprocessed/<dataset>/` of a table in `$nnUNet_raw/<dataset>/` that
+    no longer has the same content (edited after `nnunet-contrastive check` copied it)."""
+    pre_root, raw_root = os.environ.get("nnUNet_preprocessed"), os.environ.get("nnUNet_raw")
+    if not pre_root or not raw_root:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.dirname(os.path.realpath(folder)) != os.path.realpath(pre_root):
+        return
+    dataset = os.path.basename(folder)
+    raw = os.path.join(raw_root, dataset, os.path.basename(path))
+    if not os.path.isfile(raw) or os.path.realpath(raw) == os.path.realpath(path):
+        return
+    with open(raw, "rb") as a, open(path, "rb") as b:
+        if a.read() == b.read():
+            return
+    raise MetadataError(f"is a stale copy: {raw} has changed since 'nnunet-contrastive check' copied it here, and "
+                        f"training or selecting labeled cases on the old table would use outdated meta-labels.",
+                        where=path, fix=f"Run 'nnunet-contrastive check -d {dataset}': it validates the raw table "
+                                        f"and copies it again.")
 
 
 def declared_meta_labels(table: MetadataTable, dataset_json: dict | None, source: str = "dataset.json") -> list[str]:
@@ -247,11 +311,16 @@ def copy_metadata(src_folder: str, dst_folder: str) -> str | None:
     if not os.path.isfile(src):
         return None
     os.makedirs(dst_folder, exist_ok=True)
-    dst = os.path.join(dst_folder, METADATA_FILENAME)
-    shutil.copyfile(src, dst)
-    return dst
+    return atomic_copy(src, os.path.join(dst_folder, METADATA_FILENAME))
 
 
 def load_dataset_json(folder: str) -> dict:
-    with open(os.path.join(folder, "dataset.json"), encoding="utf-8") as f:
-        return json.load(f)
+    """`folder/dataset.json`; MetadataError naming the file when it is missing, not UTF-8 or not a JSON object."""
+    path = os.path.join(folder, "dataset.json")
+    if not os.path.isfile(path):
+        raise MetadataError(f"{path} is missing: not an nnU-Net dataset folder (run nnUNetv2_plan_and_preprocess "
+                            f"for a preprocessed one).")
+    dj = read_json(path, MetadataError)
+    if not isinstance(dj, dict):
+        raise MetadataError(f"{path}: expected a JSON object, got {type(dj).__name__}.")
+    return dj

@@ -9,7 +9,8 @@
   (`imagesUnlabeled/`, our convention: nnU-Net ignores that folder).
 
 Both work in two steps: `plan_*` reads the source and collects every problem it can find without writing anything
-(`ConversionError` lists them all), then `write_dataset` writes into a temporary sibling folder that is renamed to
+(`ConversionError` lists them all; every image and label is read completely and checked with
+`nnunet_contrastive.prep.image_check`: truncated files, channel counts, image/label grids, label values), then `write_dataset` writes into a temporary sibling folder that is renamed to
 `nnUNet_raw/DatasetXXX_NAME` only when everything succeeded, so a failed conversion leaves nothing half-written.
 Image files are copied by default (`link=True` hard-links them when on the same file system: saves space, but an in-place edit of the raw dataset then changes the source); multi-modal 4D images are split into
 one file per channel (`_0000`, `_0001`, ...) with SimpleITK, keeping the 3D geometry.
@@ -20,11 +21,13 @@ import json
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 
+from nnunet_contrastive.data.files import read_json, read_text, replaced_folder
 from nnunet_contrastive.data.metadata import DATASET_JSON_KEY, METADATA_FILENAME, PATIENT_COLUMN, PHASE_COLUMN, \
     write_metadata
+from nnunet_contrastive.errors import UserInputError
+from nnunet_contrastive.prep.image_check import case_problems
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 ACDC_LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
@@ -33,7 +36,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _PATIENT_DIR_RE = re.compile(r"^patient\d+$")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserInputError):
     """The source folder cannot be converted. The message names every offending file and says how to fix it."""
 
 
@@ -173,10 +176,9 @@ def write_dataset(plan: ConversionPlan, raw_root: str, dataset_id: int, name: st
     """Write a plan as `raw_root/DatasetXXX_NAME` (atomically: temporary folder, renamed at the end)."""
     target = validate_target(raw_root, dataset_id, name, overwrite)
     os.makedirs(raw_root, exist_ok=True)
-    tmp = os.path.join(raw_root, f".{os.path.basename(target)}.partial-{uuid.uuid4().hex[:8]}")
     ending = plan.file_ending
     counts = {"linked": 0, "copied": 0, "written": 0}
-    try:
+    with replaced_folder(target) as tmp:  # an existing target (overwrite=True) is replaced only on success
         for split in ("Tr", "Ts", "Unlabeled"):
             cases = plan.split(split)
             if not cases:
@@ -208,16 +210,6 @@ def write_dataset(plan: ConversionPlan, raw_root: str, dataset_id: int, name: st
         meta_ts = {c.case: c.meta for c in plan.split("Ts")}
         if meta_ts:
             write_metadata(os.path.join(tmp, "metadata_Ts.csv"), meta_ts, plan.meta_columns)
-        if os.path.lexists(target):  # only reached with overwrite=True
-            old = tmp + ".old"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ConversionResult(folder=target, num_labeled=len(plan.split("Tr")), num_test=len(plan.split("Ts")),
                             num_unlabeled=len(plan.split("Unlabeled")), linked=counts["linked"],
                             copied=counts["copied"], written=counts["written"], notes=list(plan.notes))
@@ -243,11 +235,7 @@ def plan_msd(src: str) -> ConversionPlan:
                                   f"(imagesTr/, labelsTr/, dataset.json).")
     if not os.path.isfile(dj_path):
         raise ConversionError(f"{dj_path} is missing: MSD's dataset.json provides 'modality' and 'labels'.")
-    try:
-        with open(dj_path, encoding="utf-8") as f:
-            msd = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{dj_path} cannot be read as JSON ({e}).") from None
+    msd = read_json(dj_path, ConversionError)
     if not isinstance(msd, dict):
         raise ConversionError(f"{dj_path}: expected a JSON object.")
     if "channel_names" in msd and "modality" not in msd:
@@ -334,6 +322,11 @@ def plan_msd(src: str) -> ConversionPlan:
                         meta={PATIENT_COLUMN: c}) for c in sorted(tr)]
     cases += [CaseSource(case=c, image=ts[c][0], split="Ts", num_channels=n_ch, meta={PATIENT_COLUMN: c})
               for c in sorted(ts)]
+    allowed = set(labels.values())
+    for c in cases:
+        errors += case_problems([c.image], c.label, allowed, channels_per_file=n_ch,
+                                context=f"{dj_path} 'modality'", label_context=f"{dj_path} 'labels'")
+    _errors(errors, src)
     notes.append("MSD has one volume per subject: metadata 'patient' = case id")
     keep = {k: msd[k] for k in ("name", "description", "reference", "licence", "license", "release") if k in msd}
     dataset_json = {**keep, "channel_names": channel_names, "labels": labels,
@@ -358,12 +351,7 @@ def read_info_cfg(path: str) -> dict[str, str]:
     if not os.path.isfile(path):
         raise ConversionError(f"{path} is missing: every ACDC patient folder needs an Info.cfg with 'ED: <frame>' and "
                               f"'ES: <frame>' lines.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} cannot be read as text ({e.__class__.__name__}: {e}). Restore it from the "
-                              f"ACDC download.") from None
+    text = read_text(path, ConversionError)  # UTF-8; a byte-order mark is accepted
     fields = {}
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -441,6 +429,9 @@ def plan_acdc(src: str) -> ConversionPlan:
             cases.append(CaseSource(case=case, image=image, label=gt if os.path.isfile(gt) else None,
                                     split="Tr" if os.path.isfile(gt) else "Unlabeled",
                                     meta={PATIENT_COLUMN: patient, PHASE_COLUMN: phase}))
+    for c in cases:
+        errors += case_problems([c.image], c.label, set(ACDC_LABELS.values()), context="ACDC (one cine MRI channel)",
+                                label_context="ACDC (0 background, 1 RV, 2 MYO, 3 LV)")
     _errors(errors, src)
     notes = []
     columns = [PATIENT_COLUMN, PHASE_COLUMN]

@@ -13,21 +13,31 @@ Metadata (`metadata.csv`, format in `nnunet_contrastive.data.metadata`): every l
 names an unknown case, values are non-empty and of one type per column, `dataset.json` `meta_labels` (if present)
 names existing columns.
 
+Images (`nnunet_contrastive.prep.image_check`): every image and label file is read completely (a truncated
+`.nii.gz` is an error, not zeros), holds one channel in 2D or 3D, the channels of a case and its label share one
+voxel grid, and label values are among `dataset.json` `labels`.
+
 `check_dataset(raw_folder)` never raises for problems of the dataset: it returns a `CheckReport` whose `errors` name
 the file, case and column and say how to fix it (`report.raise_for_errors()` turns them into one `MetadataError`).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 
+from nnunet_contrastive.data.files import read_json
 from nnunet_contrastive.data.metadata import (DATASET_JSON_KEY, METADATA_FILENAME, MetadataError, MetadataTable,
-                                         read_metadata, validate_against_cases)
+                                              read_metadata, validate_against_cases)
+from nnunet_contrastive.errors import UserInputError
+from nnunet_contrastive.prep.image_check import case_problems, declared_label_values
 
 UNLABELED_FOLDER = "imagesUnlabeled"
 _CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
+
+
+class DatasetCheckError(MetadataError):
+    """A raw dataset with problems; the message lists every one."""
 
 
 @dataclass
@@ -47,7 +57,8 @@ class CheckReport:
 
     def raise_for_errors(self) -> None:
         if self.errors:
-            raise MetadataError(f"{self.raw_folder}: {len(self.errors)} problem(s):\n  " + "\n  ".join(self.errors))
+            raise DatasetCheckError(f"{self.raw_folder}: {len(self.errors)} problem(s):\n  " + "\n  ".join(self.errors)
+                                    + f"\nFix them and run 'nnunet-contrastive check' again.")
 
     def format_counts(self, max_values: int = 20) -> str:
         """Human-readable counts per meta-label value (long columns such as `patient` are summarised)."""
@@ -100,19 +111,40 @@ def list_image_cases(folder: str, file_ending: str, num_channels: int) -> tuple[
     return cases, errors
 
 
+def dataset_json_problems(dj, path: str = "dataset.json") -> list[str]:
+    """What nnU-Net v2 needs of `dataset.json` and the checks here rely on: key presence and types."""
+    if not isinstance(dj, dict):
+        return [f"{path}: expected a JSON object, got {type(dj).__name__}."]
+    errors = [f"{path} has no '{key}' (nnU-Net v2 needs channel_names, labels, numTraining, file_ending)."
+              for key in ("channel_names", "labels", "file_ending") if key not in dj]
+    if errors:
+        return errors
+    if not isinstance(dj["channel_names"], dict) or not dj["channel_names"]:
+        errors.append(f"{path}: 'channel_names' must be a non-empty object such as {{\"0\": \"MRI\"}}.")
+    labels = dj["labels"]
+    if not isinstance(labels, dict) or not labels:
+        errors.append(f"{path}: 'labels' must be a non-empty object such as {{\"background\": 0, \"LV\": 1}}.")
+    else:
+        bad = [k for k, v in labels.items() if not all(isinstance(x, int) and not isinstance(x, bool)
+                                                        for x in (v if isinstance(v, (list, tuple)) else [v]))]
+        if bad:
+            errors.append(f"{path}: label(s) {bad} must map to integers (or lists of integers for regions).")
+    if not isinstance(dj["file_ending"], str) or not dj["file_ending"].startswith("."):
+        errors.append(f"{path}: 'file_ending' must be a string such as \".nii.gz\", got {dj['file_ending']!r}.")
+    n = dj.get("numTraining")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool)):
+        errors.append(f"{path}: 'numTraining' must be an integer, got {n!r}.")
+    return errors
+
+
 def load_raw_dataset_json(raw_folder: str) -> dict:
     path = os.path.join(raw_folder, "dataset.json")
     if not os.path.isfile(path):
         raise MetadataError(f"{path} is missing: not an nnU-Net raw dataset folder.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            dj = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MetadataError(f"{path} cannot be read as JSON ({e}).") from None
-    for key in ("channel_names", "labels", "file_ending"):
-        if key not in dj:
-            raise MetadataError(f"{path} has no '{key}' (nnU-Net v2 needs channel_names, labels, numTraining, "
-                                f"file_ending).")
+    dj = read_json(path, MetadataError)
+    errors = dataset_json_problems(dj, path)
+    if errors:
+        raise MetadataError("\n".join(errors))
     return dj
 
 
@@ -128,8 +160,23 @@ def unlabeled_cases(raw_folder: str, dataset_json: dict | None = None) -> dict[s
     return cases
 
 
-def check_dataset(raw_folder: str) -> CheckReport:
-    """Validate cases and metadata of `nnUNet_raw/DatasetXXX_Name` (see the module docstring)."""
+def image_problems(labeled: dict[str, list[str]], unlabeled: dict[str, list[str]], labels_folder: str,
+                   dataset_json: dict) -> list[str]:
+    """Every image problem of the labeled cases (with their labels) and the unlabeled cases."""
+    allowed = declared_label_values(dataset_json["labels"])
+    ending = dataset_json["file_ending"]
+    errors = []
+    for case in sorted(labeled):
+        label = os.path.join(labels_folder, case + ending)
+        errors += case_problems(labeled[case], label if os.path.isfile(label) else None, allowed)
+    for case in sorted(unlabeled):
+        errors += case_problems(unlabeled[case])
+    return errors
+
+
+def check_dataset(raw_folder: str, images: bool = True) -> CheckReport:
+    """Validate cases and metadata of `nnUNet_raw/DatasetXXX_Name` (see the module docstring). `images=False` skips
+    reading the image files (names and metadata only)."""
     report = CheckReport(raw_folder=raw_folder)
     if not os.path.isdir(raw_folder):
         report.errors.append(f"{raw_folder} does not exist.")
@@ -170,10 +217,12 @@ def check_dataset(raw_folder: str) -> CheckReport:
         report.errors.append(f"case '{case}' is in imagesTr and in {UNLABELED_FOLDER}: a case id must be unique. "
                              f"Rename or remove one.")
     report.labeled, report.unlabeled = sorted(labeled), sorted(unlabeled)
+    if images:
+        report.errors += image_problems(labeled, unlabeled, os.path.join(raw_folder, "labelsTr"), dj)
 
     try:
         table = read_metadata(raw_folder, dj)
-    except MetadataError as e:
+    except UserInputError as e:
         report.errors.append(str(e))
         return report
     report.table = table

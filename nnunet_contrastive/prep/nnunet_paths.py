@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 
+from nnunet_contrastive.errors import UserInputError
+
 _VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
-class NnUNetPathError(RuntimeError):
-    pass
+class NnUNetPathError(UserInputError):
+    """nnU-Net's folder variables are not set, or the dataset id or name is unknown or ambiguous."""
 
 
 def _root(var: str) -> str:

@@ -19,20 +19,29 @@ nnU-Net's training transforms read it as the nonzero mask (`MaskImageTransform` 
 never be used as a target (nnU-Net's transforms turn -1 into 0 = background anyway). `properties['unlabeled']` is
 True, and `properties['class_locations']` has the keys nnU-Net would write, each with no locations, so foreground
 oversampling falls back to random patches (and datasets with an ignore label find their key).
+
+Before anything is written, every unlabeled image is read completely and checked (`nnunet_contrastive.prep.
+image_check`: a truncated file is an error, not a case with missing slices), and no unlabeled case id may also be a
+labeled case (imagesTr, or the configuration's preprocessed folder): it would put a validation case into the
+training pool. The output is written into a temporary folder that replaces the previous output only when every case
+succeeded, so a failed run leaves the previous output byte-identical.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 from dataclasses import dataclass
 
-from nnunet_contrastive.prep.dataset_check import UNLABELED_FOLDER, load_raw_dataset_json, unlabeled_cases
+from nnunet_contrastive.data.files import read_json, replaced_folder
+from nnunet_contrastive.errors import UserInputError
+from nnunet_contrastive.prep.dataset_check import (UNLABELED_FOLDER, list_image_cases, load_raw_dataset_json,
+                                                   unlabeled_cases)
+from nnunet_contrastive.prep.image_check import case_problems
 
 UNLABELED_SUFFIX = "_unlabeled"
 
 
-class UnlabeledPreprocessError(ValueError):
+class UnlabeledPreprocessError(UserInputError):
     """Missing plans, configuration or images; the message says what to run or fix."""
 
 
@@ -82,12 +91,42 @@ def preprocess_case(image_files: list[str], output_filename_truncated: str, plan
     return data.shape
 
 
+def _preprocess_named(files, out, plans_manager, configuration_manager, dataset_json, dataset_class) -> tuple:
+    """`preprocess_case`; an unexpected failure names the case (its traceback is kept as the cause)."""
+    try:
+        return preprocess_case(files, out, plans_manager, configuration_manager, dataset_json, dataset_class)
+    except Exception as e:
+        raise RuntimeError(f"preprocessing unlabeled case '{os.path.basename(out)}' ({', '.join(files)}) failed: "
+                           f"{e.__class__.__name__}: {e}") from e
+
+
 def _worker(job):
     files, out, plans, configuration, dataset_json, dataset_class = job
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     pm = PlansManager(plans)
-    return preprocess_case(files, out, pm, pm.get_configuration(configuration), dataset_json, dataset_class)
+    return _preprocess_named(files, out, pm, pm.get_configuration(configuration), dataset_json, dataset_class)
+
+
+def labeled_case_ids(raw_dataset_folder: str, labeled_preprocessed_folder: str, dataset_json: dict) -> set[str]:
+    """Case ids of the labeled cases: `imagesTr/` of the raw dataset and the configuration's preprocessed folder."""
+    ids = set()
+    images_tr = os.path.join(raw_dataset_folder, "imagesTr")
+    if os.path.isdir(images_tr):
+        ids |= set(list_image_cases(images_tr, dataset_json["file_ending"], len(dataset_json["channel_names"]))[0])
+    if os.path.isdir(labeled_preprocessed_folder):
+        ids |= {f[:-4] for f in os.listdir(labeled_preprocessed_folder) if f.endswith(".pkl")}
+    return ids
+
+
+def unlabeled_input_problems(cases: dict[str, list[str]], labeled_ids: set[str]) -> list[str]:
+    """Every problem of the unlabeled cases: ids that are also labeled cases, unreadable or inconsistent images."""
+    errors = [f"case '{c}' is in {UNLABELED_FOLDER}/ and is also a labeled case (imagesTr or the preprocessed "
+              f"folder): a case id must be unique, or a validation case would enter the training pool. Rename or "
+              f"remove one." for c in sorted(set(cases) & labeled_ids)]
+    for case in sorted(cases):
+        errors += case_problems(cases[case])
+    return errors
 
 
 def _dataset_class(labeled_folder: str):
@@ -104,8 +143,6 @@ def _dataset_class(labeled_folder: str):
 def preprocess_unlabeled(raw_dataset_folder: str, preprocessed_dataset_folder: str, plans: str = "nnUNetPlans",
                          configuration: str = "2d", num_processes: int = 1, log=print) -> UnlabeledResult:
     """Preprocess every case of `imagesUnlabeled/` into `<data_identifier>_unlabeled/` (replaced if present)."""
-    import json
-
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     name = os.path.basename(os.path.normpath(raw_dataset_folder))
@@ -114,8 +151,7 @@ def preprocess_unlabeled(raw_dataset_folder: str, preprocessed_dataset_folder: s
         raise UnlabeledPreprocessError(
             f"{plans_file} not found: run nnUNetv2_plan_and_preprocess -d {name} -c {configuration} first (or pass "
             f"-p with the plans identifier you trained with).")
-    with open(plans_file, encoding="utf-8") as f:
-        plans_dict = json.load(f)
+    plans_dict = read_json(plans_file, UnlabeledPreprocessError)
     pm = PlansManager(plans_dict)
     if configuration not in pm.available_configurations:
         raise UnlabeledPreprocessError(f"{plans_file} has no configuration '{configuration}' "
@@ -123,8 +159,7 @@ def preprocess_unlabeled(raw_dataset_folder: str, preprocessed_dataset_folder: s
     cm = pm.get_configuration(configuration)
     dj_pre = os.path.join(preprocessed_dataset_folder, "dataset.json")
     if os.path.isfile(dj_pre):  # what nnU-Net's own preprocessing uses
-        with open(dj_pre, encoding="utf-8") as f:
-            dataset_json = json.load(f)
+        dataset_json = read_json(dj_pre, UnlabeledPreprocessError)
     else:
         dataset_json = load_raw_dataset_json(raw_dataset_folder)
     cases = unlabeled_cases(raw_dataset_folder, dataset_json)
@@ -133,20 +168,26 @@ def preprocess_unlabeled(raw_dataset_folder: str, preprocessed_dataset_folder: s
             f"{os.path.join(raw_dataset_folder, UNLABELED_FOLDER)} is missing or holds no images: put unlabeled "
             f"images there as <case>_0000{dataset_json['file_ending']} (same naming as imagesTr).")
     labeled_folder = os.path.join(preprocessed_dataset_folder, cm.data_identifier)
+    errors = unlabeled_input_problems(cases, labeled_case_ids(raw_dataset_folder, labeled_folder, dataset_json))
+    if errors:
+        where = os.path.join(raw_dataset_folder, UNLABELED_FOLDER)
+        raise UnlabeledPreprocessError(f"{len(errors)} problem(s) in {where}; nothing was written:\n  "
+                                       + "\n  ".join(errors))
     out = unlabeled_folder(preprocessed_dataset_folder, cm.data_identifier)
-    if os.path.isdir(out):  # like nnU-Net for its configuration folders: stale cases must not survive
-        shutil.rmtree(out)
-    os.makedirs(out)
     dataset_class = _dataset_class(labeled_folder)
     names = sorted(cases)
     log(f"preprocessing {len(names)} unlabeled case(s) of {name} with {plans} / {configuration} "
         f"(data identifier {cm.data_identifier}) into {out}")
-    jobs = [(cases[c], os.path.join(out, c), plans_dict, configuration, dataset_json, dataset_class) for c in names]
-    if num_processes > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
-            pool.map(_worker, jobs)
-    else:
-        for i, (case, job) in enumerate(zip(names, jobs)):
-            shape = preprocess_case(job[0], job[1], pm, cm, dataset_json, dataset_class)
-            log(f"  [{i + 1}/{len(names)}] {case}: {tuple(shape)}")
+    # the whole folder is replaced, like nnU-Net's configuration folders (stale cases must not survive), but only
+    # once every case succeeded
+    with replaced_folder(out) as tmp:
+        jobs = [(cases[c], os.path.join(tmp, c), plans_dict, configuration, dataset_json, dataset_class)
+                for c in names]
+        if num_processes > 1 and len(jobs) > 1:
+            with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+                pool.map(_worker, jobs)
+        else:
+            for i, (case, job) in enumerate(zip(names, jobs)):
+                shape = _preprocess_named(job[0], job[1], pm, cm, dataset_json, dataset_class)
+                log(f"  [{i + 1}/{len(names)}] {case}: {tuple(shape)}")
     return UnlabeledResult(folder=out, cases=names, data_identifier=cm.data_identifier)

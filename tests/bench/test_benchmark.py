@@ -183,13 +183,15 @@ def test_acdc_split_and_labeled_patients_follow_the_published_protocol():
     assert {groups[c] for c in small_pool} == {"patient003", "patient001", "patient005"} and small_dropped
 
 
-def test_cli_bad_input_exits_2(tmp_path):
+def test_cli_bad_input_exits_1(tmp_path):
     from nnunet_contrastive.cli import main
 
     wd = str(tmp_path / "wd")
-    assert main(["benchmark", "--workdir", wd, "--data", str(tmp_path / "nowhere")]) == 2
-    assert main(["benchmark", "--workdir", wd, "--trainers", "nnUNetTrainerNope"]) == 2
-    assert main(["benchmark", "--workdir", wd, "--num-labeled", "0"]) == 2
+    assert main(["benchmark", "--workdir", wd, "--data", str(tmp_path / "nowhere")]) == 1
+    assert main(["benchmark", "--workdir", wd, "--trainers", "nnUNetTrainerNope"]) == 1
+    assert main(["benchmark", "--workdir", wd, "--num-labeled", "0"]) == 1
+    assert main(["benchmark", "--workdir", wd, "--seeds", "-1"]) == 1
+    assert main(["benchmark", "--workdir", wd, "--split-seed", "-3"]) == 1
     assert not os.path.exists(wd)  # nothing written on bad input
 
 

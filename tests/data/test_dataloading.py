@@ -512,6 +512,12 @@ def test_build_semi_dataloaders_with_nnunet_trainer(phantom, tmp_path, monkeypat
     rows = dict(meta.rows)
     rows["extra900_ED"] = {"patient": "patient900", "phase": "ED"}
     write_metadata(str(pre), rows, meta.columns)
+    # as a user does it: the raw table gets the new row too (`check` copies it); a copy that differs from its raw
+    # table is refused as stale
+    raw = tmp_path / "raw" / os.path.basename(phantom["raw"])
+    shutil.copytree(phantom["raw"], raw)
+    write_metadata(str(raw), rows, meta.columns)
+    monkeypatch.setenv("nnUNet_raw", str(raw.parent))
     for c in unlabeled:
         os.remove(pre / ident / f"{c}_seg.b2nd")
 

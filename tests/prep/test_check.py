@@ -92,7 +92,7 @@ def test_check_metadata_errors_name_case_and_column(phantom, capsys, edit, expec
     with pytest.raises(MetadataError, match="problem"):
         report.raise_for_errors()
     rc, out, err = _check(capsys)
-    assert rc == 2
+    assert rc == 1
     assert expected in err and "error: " in err
 
 
@@ -101,7 +101,7 @@ def test_check_errors_do_not_copy_metadata(phantom, nnunet_env, capsys):
     os.makedirs(pre)
     _set_metadata(phantom, _metadata(phantom)[:-1])
     rc, _, _ = _check(capsys)
-    assert rc == 2 and not os.path.exists(os.path.join(pre, "metadata.csv"))
+    assert rc == 1 and not os.path.exists(os.path.join(pre, "metadata.csv"))
 
 
 def test_check_missing_metadata_and_bad_meta_labels(phantom, capsys):
@@ -114,7 +114,7 @@ def test_check_missing_metadata_and_bad_meta_labels(phantom, capsys):
     assert any("declares meta-label 'scanner'" in e for e in report.errors), report.errors
     os.remove(os.path.join(phantom, "metadata.csv"))
     rc, _, err = _check(capsys)
-    assert rc == 2 and "No metadata table" in err and "metadata.csv" in err
+    assert rc == 1 and "No metadata table" in err and "metadata.csv" in err
 
 
 def test_check_case_files(phantom):
@@ -150,4 +150,4 @@ def test_list_image_cases_channels(tmp_path):
 
 def test_check_unknown_dataset(nnunet_env, capsys):
     rc, _, err = _check(capsys, "991")
-    assert rc == 2 and "No dataset with id 991" in err
+    assert rc == 1 and "No dataset with id 991" in err

@@ -80,8 +80,8 @@ def _tiny_msd(root, n_train=3, n_test=1, channels=("T2", "ADC"), junk=True):
             arrays[case] = chans
             path = os.path.join(src, f"images{split}", f"{case}.nii.gz")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            if len(channels) == 1:
-                _write(path, chans[0])
+            if len(channels) == 1:  # the label's grid (nnU-Net and the converter require one grid)
+                _write(path, chans[0], spacing=(0.6, 0.6, 3.6), origin=(-10.0, 5.0, 2.0))
             else:
                 imgs = []
                 for a in chans:
@@ -151,7 +151,7 @@ def test_convert_msd_name_copy_and_overwrite(tmp_path, nnunet_env, capsys):
     assert os.stat(a).st_ino != os.stat(b).st_ino  # default: a copy, never a hard link into the source
     # the target exists: refused, with the way out named
     rc, _, err = _run(args, capsys)
-    assert rc == 2 and "Dataset007_Mini already exists" in err and "--overwrite" in err
+    assert rc == 1 and "Dataset007_Mini already exists" in err and "--overwrite" in err
     with open(os.path.join(target, "stale.txt"), "w") as f:
         f.write("x")
     rc, _, err = _run(args + ["--overwrite"], capsys)
@@ -163,7 +163,7 @@ def test_convert_msd_name_copy_and_overwrite(tmp_path, nnunet_env, capsys):
     assert os.stat(a).st_ino == os.stat(b).st_ino
     # another dataset already has this id
     rc, _, err = _run(["convert-msd", src, "-d", "7", "--name", "Other"], capsys)
-    assert rc == 2 and "id 7 is already used" in err and "Dataset007_Mini" in err
+    assert rc == 1 and "id 7 is already used" in err and "Dataset007_Mini" in err
     # nothing half-written is left behind
     assert sorted(os.listdir(nnunet_env["nnUNet_raw"])) == ["Dataset007_Mini"]
 
@@ -172,11 +172,12 @@ def test_convert_msd_errors_name_the_item(tmp_path, nnunet_env, capsys):
     src, _ = _tiny_msd(str(tmp_path), n_test=0, channels=("CT",), junk=False)
     os.remove(os.path.join(src, "labelsTr", "prostate_01.nii.gz"))
     rc, _, err = _run(["convert-msd", src, "-d", "8"], capsys)
-    assert rc == 2
+    assert rc == 1
     assert "prostate_01.nii.gz has no label" in err and "labelsTr/prostate_01.nii.gz" in err
     assert os.listdir(nnunet_env["nnUNet_raw"]) == []  # nothing written
     # duplicate case id (.nii next to .nii.gz)
-    _write(os.path.join(src, "labelsTr", "prostate_01.nii.gz"), np.zeros((3, 6, 5), np.uint8))
+    _write(os.path.join(src, "labelsTr", "prostate_01.nii.gz"), np.zeros((3, 6, 5), np.uint8), spacing=(0.6, 0.6, 3.6),
+           origin=(-10.0, 5.0, 2.0))
     _write(os.path.join(src, "imagesTr", "prostate_02.nii"), np.zeros((3, 6, 5), np.float32))
     with pytest.raises(ConversionError, match=r"duplicate case id 'prostate_02'.*prostate_02\.nii"):
         plan_msd(src)
@@ -200,9 +201,9 @@ def test_convert_needs_nnunet_raw(tmp_path, monkeypatch, capsys):
     src, _ = _tiny_msd(str(tmp_path), n_test=0, channels=("CT",), junk=False)
     monkeypatch.delenv("nnUNet_raw", raising=False)
     rc, _, err = _run(["convert-msd", src, "-d", "5"], capsys)
-    assert rc == 2 and "nnUNet_raw is not set" in err
+    assert rc == 1 and "nnUNet_raw is not set" in err
     rc, _, err = _run(["convert-msd", src, "-d", "1000"], capsys)
-    assert rc == 2 and "1 to 999" in err
+    assert rc == 1 and "1 to 999" in err
 
 
 def test_convert_msd_multimodal_needs_4d_images(tmp_path, nnunet_env):
@@ -297,7 +298,7 @@ def test_convert_acdc_group_column_only_when_complete(tmp_path):
 
 @pytest.mark.parametrize("problem,expected", [
     ("missing_cfg", r"patient002/Info\.cfg is missing"),
-    ("binary_cfg", r"patient002/Info\.cfg cannot be read as text"),
+    ("binary_cfg", r"patient002/Info\.cfg, line 1: byte 0xff at column 1 is not UTF-8 text"),
     ("garbled_cfg", r"patient002/Info\.cfg, line 1: expected 'Key: value'"),
     ("no_es", r"patient002/Info\.cfg has no 'ES:' line"),
     ("bad_ed", r"patient002/Info\.cfg: 'ED: first' is not a frame number"),
@@ -331,7 +332,7 @@ def test_convert_acdc_errors_name_the_item(tmp_path, nnunet_env, capsys, problem
         with open(cfg, "w") as f:
             f.write("ED: 2\nES: 2\n")
     rc, _, err = _run(["convert-acdc", src, "-d", "27"], capsys)
-    assert rc == 2
+    assert rc == 1
     assert err.startswith("error: ")
     assert re.search(expected, err), err
     assert os.listdir(nnunet_env["nnUNet_raw"]) == []

@@ -187,12 +187,12 @@ def test_patch_size_divisible_by_total_stride(conf, patch, ok):
 def test_stride_change_is_checked_against_the_patch():
     # six stages, total stride 2**5 = 32 per axis: patch (32, 48) no longer fits on the second axis
     strides = [[1, 1]] + [[2, 2]] * 5
-    override = {"configurations": {"2d": {"architecture": {"arch_kwargs": {"strides": strides}}}}}
+    override = {"configurations": {"2d": {"architecture": {"arch_kwargs": {"strides": strides, "n_stages": 6}}}}}
     with pytest.raises(PlansOverrideError, match=r"'2d'.*\[32, 48\].*total stride \[32, 32\]"):
         apply_override(small_plans(), override, "x")
     override["configurations"]["2d"]["patch_size"] = [32, 64]
     merged = apply_override(small_plans(), override, "x")
-    assert merged["configurations"]["2d"]["architecture"]["arch_kwargs"] == {"strides": strides, "n_stages": 3}
+    assert merged["configurations"]["2d"]["architecture"]["arch_kwargs"] == {"strides": strides, "n_stages": 6}
 
 
 # ------------------------------------------------------------------------------------------------- load_override
@@ -292,16 +292,16 @@ def test_plans_cli(preprocessed, capsys, tmp_path):
     capsys.readouterr()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"configurations": {"2d": {"patch_size": [50, 64]}}}))
-    assert main(["plans", "-d", "986", "-o", str(bad)]) == 2
+    assert main(["plans", "-d", "986", "-o", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "'2d'" in err and "divisible" in err
     assert not os.path.exists(os.path.join(preprocessed, "nnUNetPlans_bad.json"))
-    assert main(["plans", "-d", "986", "-o", "nope"]) == 2
+    assert main(["plans", "-d", "986", "-o", "nope"]) == 1
     assert "Unknown plans override 'nope'" in capsys.readouterr().err
 
 
 def test_plans_cli_unknown_dataset(nnunet_env, capsys):
-    assert main(["plans", "-d", "555", "-o", "cpu_small"]) == 2
+    assert main(["plans", "-d", "555", "-o", "cpu_small"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "No dataset with id 555" in err
 

@@ -137,20 +137,41 @@ def test_preprocess_unlabeled_parallel_matches_and_replaces_stale(prepared):
 
 
 @pytest.mark.slow
+def test_preprocess_unlabeled_bad_image_keeps_the_previous_output(prepared, capsys):
+    from bad_input import snapshot, truncate
+
+    assert main(["preprocess-unlabeled", "-d", str(DATASET)]) == 0
+    before = snapshot(prepared["pre"])
+    image = os.path.join(prepared["raw"], "imagesUnlabeled", "patient003_ES_0000.nii.gz")
+    with open(image, "rb") as f:
+        intact = f.read()
+    try:
+        truncate(image)
+        capsys.readouterr()
+        assert main(["preprocess-unlabeled", "-d", str(DATASET)]) == 1
+        err = capsys.readouterr().err
+        assert "patient003_ES_0000.nii.gz" in err and "truncated" in err
+        assert snapshot(prepared["pre"]) == before
+    finally:
+        with open(image, "wb") as f:
+            f.write(intact)
+
+
+@pytest.mark.slow
 def test_preprocess_unlabeled_errors(prepared, capsys):
     rc = main(["preprocess-unlabeled", "-d", str(DATASET), "-p", "nnUNetPlansMissing"])
     err = capsys.readouterr().err
-    assert rc == 2 and "nnUNetPlansMissing.json not found" in err and "nnUNetv2_plan_and_preprocess" in err
+    assert rc == 1 and "nnUNetPlansMissing.json not found" in err and "nnUNetv2_plan_and_preprocess" in err
     rc = main(["preprocess-unlabeled", "-d", str(DATASET), "-c", "3d_lowres"])
     err = capsys.readouterr().err
-    assert rc == 2 and "no configuration '3d_lowres'" in err and "2d" in err
+    assert rc == 1 and "no configuration '3d_lowres'" in err and "2d" in err
     unl = os.path.join(prepared["raw"], "imagesUnlabeled")
     moved = unl + "_away"
     os.rename(unl, moved)
     try:
         rc = main(["preprocess-unlabeled", "-d", str(DATASET)])
         err = capsys.readouterr().err
-        assert rc == 2 and "imagesUnlabeled is missing or holds no images" in err
+        assert rc == 1 and "imagesUnlabeled is missing or holds no images" in err
     finally:
         os.rename(moved, unl)
 
@@ -161,7 +182,7 @@ def test_preprocess_unlabeled_without_plans(nnunet_env, capsys):
     os.makedirs(os.path.join(nnunet_env["nnUNet_preprocessed"], NAME))
     rc = main(["preprocess-unlabeled", "-d", str(DATASET)])
     err = capsys.readouterr().err
-    assert rc == 2 and "nnUNetPlans.json not found" in err and f"nnUNetv2_plan_and_preprocess -d {NAME}" in err
+    assert rc == 1 and "nnUNetPlans.json not found" in err and f"nnUNetv2_plan_and_preprocess -d {NAME}" in err
 
 
 def test_empty_class_locations_keys():

@@ -85,8 +85,8 @@ def test_case_level_default_and_folds(fake_dataset):
         assert len(s["labeled"]) == 4 and set(s["labeled"]) <= set(s["train"])
 
 
-def test_too_many_requested_exits_2(fake_dataset, capsys):
-    assert main(["select-labeled", "-d", "987", "--num-labeled", "9", "--by", "patient"]) == 2
+def test_too_many_requested_exits_1(fake_dataset, capsys):
+    assert main(["select-labeled", "-d", "987", "--num-labeled", "9", "--by", "patient"]) == 1
     err = capsys.readouterr().err
     # 8 patients, 5 folds: each fold trains on 6 or 7 patients
     assert err.startswith("error: ") and "fold 0" in err and "9 labeled patients" in err and "at most" in err
@@ -97,8 +97,8 @@ def test_too_many_requested_exits_2(fake_dataset, capsys):
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "some"])
-def test_bad_num_labeled_exits_2(fake_dataset, capsys, value):
-    assert main(["select-labeled", "-d", "987", "--num-labeled", value]) == 2
+def test_bad_num_labeled_exits_1(fake_dataset, capsys, value):
+    assert main(["select-labeled", "-d", "987", "--num-labeled", value]) == 1
     err = capsys.readouterr().err
     assert "--num-labeled must be a positive integer or 'all'" in err and value in err
 
@@ -127,11 +127,11 @@ def test_warns_about_case_level_split_mixing_a_patient(fake_dataset, capsys):
 
 def test_by_patient_without_metadata(fake_dataset, capsys):
     os.remove(os.path.join(fake_dataset, "metadata.csv"))
-    assert main(["select-labeled", "-d", "987", "--num-labeled", "1", "--by", "patient"]) == 2
+    assert main(["select-labeled", "-d", "987", "--num-labeled", "1", "--by", "patient"]) == 1
     err = capsys.readouterr().err
     assert "metadata.csv" in err and "'patient'" in err
 
 
 def test_unknown_dataset(nnunet_env, capsys):
-    assert main(["select-labeled", "-d", "555", "--num-labeled", "1"]) == 2
+    assert main(["select-labeled", "-d", "555", "--num-labeled", "1"]) == 1
     assert "No dataset with id 555" in capsys.readouterr().err
