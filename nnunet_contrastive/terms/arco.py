@@ -82,14 +82,15 @@ class ARCOContrastTerm(LossTerm):
     # ------------------------------------------------------------------ the loss on given maps
     def contrast(self, student_decoder: list, teacher_decoder: list, valid: torch.Tensor, teacher_head: nn.Module,
                  generator: Optional[torch.Generator] = None, use_memory: bool = True,
-                 update_memory: bool = True) -> tuple[ARCOOutput, dict]:
+                 update_memory: bool = True, teacher_map: Optional[torch.Tensor] = None) -> tuple[ARCOOutput, dict]:
         """The ARCO loss for decoder taps of the student and the teacher and the anchor-valid mask ``valid``
-        (``(B, K, *S)``). ``teacher_head``: the EMA copy of ``head`` (or ``head`` itself, e.g. in measurements)."""
+        (``(B, K, *S)``). ``teacher_head``: the EMA copy of ``head`` (or ``head`` itself, e.g. in measurements);
+        ``teacher_map``: the teacher embedding if already computed (:meth:`teacher_embedding`), e.g. when the same
+        batch is sampled many times."""
         size = tuple(valid.shape[2:])
         K = valid.shape[1]
-        th = getattr(teacher_head, "module", teacher_head)
+        zt = self.teacher_embedding(teacher_decoder, size, teacher_head) if teacher_map is None else teacher_map
         with torch.no_grad():
-            zt = th(th.select(teacher_decoder), size).float()  # (B, D, *S)
             means, counts = class_means(zt, valid)
             ks = self.sampler(valid, self.n_keys, generator=generator, pool_batch=True)
             keys = ks.gather(zt)[0]  # (K, n_keys, D)
@@ -111,6 +112,13 @@ class ARCOContrastTerm(LossTerm):
         stats = {"anchors": a.count[0].sum(), "negatives_per_anchor": (all_cls.numel() / max(1, K)),
                  "classes_used": out.used.sum()}
         return out, stats
+
+    @staticmethod
+    @torch.no_grad()
+    def teacher_embedding(teacher_decoder: list, size: tuple, teacher_head: nn.Module) -> torch.Tensor:
+        """The teacher's embedding map ``(B, D, *size)`` (float32, no gradient)."""
+        th = getattr(teacher_head, "module", teacher_head)
+        return th(th.select(teacher_decoder), size).float()
 
     # ------------------------------------------------------------------ the term
     def forward(self, ctx, rows: str = "all"):
