@@ -193,7 +193,9 @@ def _ratio_ci(a: list, b: list, n_boot: int = 2000, seed: int = 0) -> tuple[floa
     r = np.var(a, ddof=1) / np.var(b, ddof=1)
     ia = rng.integers(0, a.size, (n_boot, a.size))
     ib = rng.integers(0, b.size, (n_boot, b.size))
-    boot = np.var(a[ia], axis=1, ddof=1) / np.var(b[ib], axis=1, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # tiny samples can resample to a constant
+        boot = np.var(a[ia], axis=1, ddof=1) / np.var(b[ib], axis=1, ddof=1)
+    boot = boot[np.isfinite(boot)] if np.isfinite(boot).any() else np.array([np.nan])
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return float(r), float(lo), float(hi)
 

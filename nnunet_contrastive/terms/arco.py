@@ -46,7 +46,7 @@ def arco_labels(ctx, rows: str, teacher_logits: torch.Tensor) -> tuple[torch.Ten
     pseudo = teacher_logits.argmax(1)
     if not bool(labeled.any()):
         return pseudo, labeled
-    target = ctx.target(rows) if idx is not None else ctx.target("all")
+    target = ctx.target(rows)
     target = target[0] if isinstance(target, (list, tuple)) else target
     target = target[:, 0].long()
     return torch.where(labeled.view(-1, *([1] * (pseudo.dim() - 1))), target, pseudo), labeled
