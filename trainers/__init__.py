@@ -3,6 +3,7 @@
 nnU-Net finds them by name through `nnUNet_extTrainer` (see nnunet_contrastive._discovery). Every public trainer
 class is exported here; `__all__` is what the trainer index re-exports.
 """
+from nnunet_contrastive.trainers.arco import nnUNetTrainerARCO, nnUNetTrainerARCONS, nnUNetTrainerARCOSAG
 from nnunet_contrastive.trainers.base import nnUNetTrainerContrastiveBase
 from nnunet_contrastive.trainers.few_labels import nnUNetTrainerFewLabels
 from nnunet_contrastive.trainers.mean_teacher import nnUNetTrainerMeanTeacher
@@ -26,4 +27,7 @@ __all__ = [
     "nnUNetTrainerSPConPhase",
     "nnUNetTrainerMeanTeacher",
     "nnUNetTrainerUnsupCon",
+    "nnUNetTrainerARCO",
+    "nnUNetTrainerARCOSAG",
+    "nnUNetTrainerARCONS",
 ]

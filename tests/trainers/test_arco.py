@@ -1,0 +1,64 @@
+"""nnUNetTrainerARCO and its sampler variants: declarations, and nnU-Net's CLI end to end on the phantoms."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import PHANTOM_ID, cli_env, run_cli
+
+PLANS = "nnUNetPlans_cpu_small"
+
+
+def test_variants_differ_only_in_the_sampler_and_are_exported():
+    import nnunet_contrastive.trainers as T
+    from nnunet_contrastive.components.samplers import NSSampler, SAGSampler, SGSampler
+
+    for name in ("nnUNetTrainerARCO", "nnUNetTrainerARCOSAG", "nnUNetTrainerARCONS"):
+        assert name in T.__all__ and hasattr(T, name)
+    assert (T.nnUNetTrainerARCO.sampler, T.nnUNetTrainerARCOSAG.sampler, T.nnUNetTrainerARCONS.sampler) == \
+        ("sg", "sag", "ns")
+    assert T.nnUNetTrainerARCO.needs_unlabeled()
+    (stage,) = T.nnUNetTrainerARCO.declare_stages()
+    assert [(u.term, u.rows) for u in stage.terms] == [("sup", "labeled"), ("arco", "all"), ("unsup", "unlabeled")]
+    assert stage.loader.views == 2 and stage.loader.share_spatial and "arco" in stage.trains
+    from nnunet_contrastive.components.samplers import build_sampler
+    assert isinstance(build_sampler("sg", grid=4), SGSampler) and isinstance(build_sampler("sag"), SAGSampler)
+    assert isinstance(build_sampler("ns"), NSSampler)
+
+
+@pytest.mark.slow
+def test_arco_cli_train_predict_evaluate(phantom_prepared):
+    prepared = phantom_prepared
+    env = cli_env(prepared["folders"], nnUNet_contrastive_epochs=4, nnUNet_contrastive_iterations=10,
+                  nnUNet_contrastive_val_iterations=1)
+    out = run_cli(["nnUNetv2_train", PHANTOM_ID, "2d", "0", "-tr", "nnUNetTrainerARCO", "-p", PLANS,
+                   "-device", "cpu"], env)
+    assert "ARCO: sampler SGSampler" in out and "arco_loss" in out and "unsup_loss" in out
+    fold = os.path.join(prepared["folders"]["nnUNet_results"], f"Dataset{PHANTOM_ID}_E2E",
+                        f"nnUNetTrainerARCO__{PLANS}__2d", "fold_0")
+    for f in ("checkpoint_final.pth", "checkpoint_teacher.pth", "progress_contrastive.png"):
+        assert os.path.isfile(os.path.join(fold, f)), f
+    ckpt = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    extra = ckpt["nnunet_contrastive"]
+    # head, predictor, key memory and the head's EMA copy beside the network, never inside network_weights
+    assert any(k.startswith("arco.head.") for k in extra["terms"])
+    assert "arco.predictor.weight" in extra["terms"] and "arco.memory.keys" in extra["terms"]
+    assert int(extra["terms"]["arco.memory.filled"].min()) > 0  # every phantom class reached the memory
+    assert "arco.head" in extra["head_teachers"] and extra["teacher"]
+    assert not any(k.startswith(("arco", "head", "unsup", "teacher", "memory")) for k in ckpt["network_weights"])
+    log = ckpt["logging"]
+    assert all(v > 0 for v in log["arco_loss"]) and all(v >= 2 for v in log["arco_classes_used"])
+    assert log["arco_entropy_percent"][0] > log["arco_entropy_percent"][-1]
+    pred = os.path.join(prepared["folders"]["nnUNet_results"], "pred_arco")
+    run_cli(["nnUNetv2_predict", "-i", os.path.join(prepared["raw"], "imagesTs"), "-o", pred, "-d", PHANTOM_ID,
+             "-c", "2d", "-tr", "nnUNetTrainerARCO", "-p", PLANS, "-f", "0", "-chk", "checkpoint_final.pth",
+             "-npp", "0", "-nps", "0", "-device", "cpu", "--disable_progress_bar"], env)
+    run_cli(["nnUNetv2_evaluate_folder", os.path.join(prepared["raw"], "labelsTs"), pred, "-djfile",
+             os.path.join(prepared["raw"], "dataset.json"), "-pfile", os.path.join(prepared["pre"], f"{PLANS}.json"),
+             "-np", "2"], env)
+    dice = json.load(open(os.path.join(pred, "summary.json")))["foreground_mean"]["Dice"]
+    # an untrained network (random init) scores ~0 on the phantoms; SPCon's test uses the same bar
+    assert dice > 0.15, dice
