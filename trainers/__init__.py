@@ -5,6 +5,9 @@ class is exported here; `__all__` is what the trainer index re-exports.
 """
 from nnunet_contrastive.trainers.base import nnUNetTrainerContrastiveBase
 from nnunet_contrastive.trainers.few_labels import nnUNetTrainerFewLabels
+from nnunet_contrastive.trainers.global_local import (nnUNetTrainerGlobalLocal, nnUNetTrainerGlobalLocalGDminus,
+                                                      nnUNetTrainerGlobalLocalGlobalOnly, nnUNetTrainerGlobalLocalGR,
+                                                      nnUNetTrainerGlobalLocalLD, nnUNetTrainerGlobalLocalPretrain)
 from nnunet_contrastive.trainers.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_contrastive.trainers.spcon import (nnUNetTrainerSPCon, nnUNetTrainerSPConHard,
                                                nnUNetTrainerSPConPatient, nnUNetTrainerSPConPhase,
@@ -26,4 +29,10 @@ __all__ = [
     "nnUNetTrainerSPConPhase",
     "nnUNetTrainerMeanTeacher",
     "nnUNetTrainerUnsupCon",
+    "nnUNetTrainerGlobalLocal",
+    "nnUNetTrainerGlobalLocalPretrain",
+    "nnUNetTrainerGlobalLocalGR",
+    "nnUNetTrainerGlobalLocalGDminus",
+    "nnUNetTrainerGlobalLocalLD",
+    "nnUNetTrainerGlobalLocalGlobalOnly",
 ]
