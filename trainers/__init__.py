@@ -6,6 +6,9 @@ class is exported here; `__all__` is what the trainer index re-exports.
 from nnunet_contrastive.trainers.arco import nnUNetTrainerARCO, nnUNetTrainerARCONS, nnUNetTrainerARCOSAG
 from nnunet_contrastive.trainers.base import nnUNetTrainerContrastiveBase
 from nnunet_contrastive.trainers.few_labels import nnUNetTrainerFewLabels
+from nnunet_contrastive.trainers.global_local import (nnUNetTrainerGlobalLocal, nnUNetTrainerGlobalLocalGDminus,
+                                                      nnUNetTrainerGlobalLocalGlobalOnly, nnUNetTrainerGlobalLocalGR,
+                                                      nnUNetTrainerGlobalLocalLD, nnUNetTrainerGlobalLocalPretrain)
 from nnunet_contrastive.trainers.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_contrastive.trainers.spcon import (nnUNetTrainerSPCon, nnUNetTrainerSPConHard,
                                                nnUNetTrainerSPConPatient, nnUNetTrainerSPConPhase,
@@ -30,4 +33,10 @@ __all__ = [
     "nnUNetTrainerARCO",
     "nnUNetTrainerARCOSAG",
     "nnUNetTrainerARCONS",
+    "nnUNetTrainerGlobalLocal",
+    "nnUNetTrainerGlobalLocalPretrain",
+    "nnUNetTrainerGlobalLocalGR",
+    "nnUNetTrainerGlobalLocalGDminus",
+    "nnUNetTrainerGlobalLocalLD",
+    "nnUNetTrainerGlobalLocalGlobalOnly",
 ]
