@@ -6,6 +6,8 @@ class is exported here; `__all__` is what the trainer index re-exports.
 from nnunet_contrastive.trainers.base import nnUNetTrainerContrastiveBase
 from nnunet_contrastive.trainers.few_labels import nnUNetTrainerFewLabels
 from nnunet_contrastive.trainers.mean_teacher import nnUNetTrainerMeanTeacher
+from nnunet_contrastive.trainers.plcon import (nnUNetTrainerPLCon, nnUNetTrainerPLConConfident,
+                                               nnUNetTrainerPLConIntra, nnUNetTrainerPLConSG)
 from nnunet_contrastive.trainers.spcon import (nnUNetTrainerSPCon, nnUNetTrainerSPConHard,
                                                nnUNetTrainerSPConPatient, nnUNetTrainerSPConPhase,
                                                nnUNetTrainerSPConPosition, nnUNetTrainerSPConPretrain,
@@ -26,4 +28,8 @@ __all__ = [
     "nnUNetTrainerSPConPhase",
     "nnUNetTrainerMeanTeacher",
     "nnUNetTrainerUnsupCon",
+    "nnUNetTrainerPLCon",
+    "nnUNetTrainerPLConIntra",
+    "nnUNetTrainerPLConConfident",
+    "nnUNetTrainerPLConSG",
 ]
