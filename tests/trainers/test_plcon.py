@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import PHANTOM_ID, build_trainer, cli_env, phantom_in_process, run_cli
+from conftest import PHANTOM_ID, build_trainer, cli_env, hide_label_files, phantom_in_process, run_cli
 
 pytestmark = pytest.mark.slow
 PLANS = "nnUNetPlans_cpu_small"
@@ -129,13 +128,7 @@ def test_plcon_never_reads_unlabeled_labels_and_gradients_reach_head_and_network
     t = build_trainer(in_process, "nnUNetTrainerPLConConfident")
     t.initialize()
     t.do_split()
-    hidden = []
-    for case in t.unlabeled_keys:
-        src = os.path.join(t.preprocessed_dataset_folder, f"{case}_seg.b2nd")
-        dst = os.path.join(str(tmp_path), os.path.basename(src))
-        shutil.move(src, dst)
-        hidden.append((src, dst))
-    try:
+    with hide_label_files(t, t.unlabeled_keys, str(tmp_path)):
         t.on_train_start()  # stage 1: labeled rows only
         t.train_step(next(t.dataloader_train))
         t.current_epoch = 1
@@ -168,10 +161,6 @@ def test_plcon_never_reads_unlabeled_labels_and_gradients_reach_head_and_network
         out = t.train_step(next(t.dataloader_train))
         assert np.isfinite(out["loss"])
         t._finish_loaders()
-    finally:
-        for src, dst in hidden:
-            if os.path.exists(dst):
-                shutil.move(dst, src)
 
 
 def test_plcon_cli_train_predict_evaluate(phantom_prepared):
