@@ -131,3 +131,27 @@ def build_trainer(prepared: dict, cls, fold: int = 0):
     with open(os.path.join(prepared["pre"], "dataset.json"), encoding="utf-8") as f:
         dj = json.load(f)
     return cls(plans, "2d", fold, dj, device=torch.device("cpu"))
+
+
+def hide_label_files(trainer, cases, where: str):
+    """Context manager: move the preprocessed label files of `cases` into folder `where` (a reader of them would
+    fail) and put them back afterwards."""
+    import contextlib
+    import shutil
+
+    @contextlib.contextmanager
+    def _hidden():
+        moved = []
+        try:
+            for case in cases:
+                src = os.path.join(trainer.preprocessed_dataset_folder, f"{case}_seg.b2nd")
+                dst = os.path.join(where, os.path.basename(src))
+                shutil.move(src, dst)
+                moved.append((src, dst))
+            yield moved
+        finally:
+            for src, dst in moved:
+                if os.path.exists(dst):
+                    shutil.move(dst, src)
+
+    return _hidden()

@@ -10,6 +10,8 @@ from nnunet_contrastive.trainers.global_local import (nnUNetTrainerGlobalLocal, 
                                                       nnUNetTrainerGlobalLocalGlobalOnly, nnUNetTrainerGlobalLocalGR,
                                                       nnUNetTrainerGlobalLocalLD, nnUNetTrainerGlobalLocalPretrain)
 from nnunet_contrastive.trainers.mean_teacher import nnUNetTrainerMeanTeacher
+from nnunet_contrastive.trainers.plcon import (nnUNetTrainerPLCon, nnUNetTrainerPLConConfident,
+                                               nnUNetTrainerPLConIntra, nnUNetTrainerPLConSG)
 from nnunet_contrastive.trainers.spcon import (nnUNetTrainerSPCon, nnUNetTrainerSPConHard,
                                                nnUNetTrainerSPConPatient, nnUNetTrainerSPConPhase,
                                                nnUNetTrainerSPConPosition, nnUNetTrainerSPConPretrain,
@@ -39,4 +41,8 @@ __all__ = [
     "nnUNetTrainerGlobalLocalGDminus",
     "nnUNetTrainerGlobalLocalLD",
     "nnUNetTrainerGlobalLocalGlobalOnly",
+    "nnUNetTrainerPLCon",
+    "nnUNetTrainerPLConIntra",
+    "nnUNetTrainerPLConConfident",
+    "nnUNetTrainerPLConSG",
 ]

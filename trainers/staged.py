@@ -250,7 +250,12 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
         return build_semi_dataloaders(
             self, sampling=spec.sampling, num_labeled=n_lab, num_unlabeled=n_unl, num_partitions=self.num_partitions,
             two_views=spec.views == 2, share_spatial=spec.share_spatial, unlabeled_keys=unl_keys, split=split,
-            contrastive_labels=self.active_meta_labels)
+            contrastive_labels=self.active_meta_labels, **self.loader_options(index))
+
+    def loader_options(self, stage_index: int) -> dict:
+        """Extra keyword arguments of build_semi_dataloaders for stage ``stage_index`` (e.g. ``pseudo_labels``);
+        none by default. Called by get_dataloaders after the fold is split."""
+        return {}
 
     def _finish_loaders(self):
         for dl in (self.dataloader_train, self.dataloader_val):

@@ -43,6 +43,11 @@ Sampling (options combine freely)
                            nnU-Net's MaskImageTransform (datasets with use_mask_for_norm, whose preprocessed images
                            are exactly 0 outside the nonzero region). The target is then overwritten.
     two_views=True         two augmentations of every sampled slice (see "What the views share").
+    pseudo_labels=source   pseudo-label route (nnUNetTrainerPLCon): an unlabeled sample's pseudo-label (and its
+                           quantised confidence, a second channel) replaces the image-derived segmentation fed to
+                           the transforms, so it gets the image's crop and spatial transform; it is returned as
+                           `pseudo_target` int16 (B, 1, py, px) (-1 on labeled rows) and `pseudo_confidence` float32
+                           (0 on labeled rows); `target` of unlabeled rows stays the fill value.
 
 What the views share (two_views=True)
     Always: the case, the slice and nnU-Net's loader crop (the `initial_patch_size` window chosen by get_bbox), i.e.
@@ -212,7 +217,8 @@ class SliceAwareDataLoader(nnUNetDataLoader):
                  num_partitions: int | None = 3, two_views: bool = False, share_spatial: bool = False,
                  metadata: MetadataTable | None = None, meta_label_columns: Sequence[str] | None = None,
                  unlabeled_target_value: int | None = None, contrastive_labels: Sequence[str] = (),
-                 spatial_transform_types: tuple[type, ...] = SPATIAL_TRANSFORM_TYPES, validate: bool = True):
+                 spatial_transform_types: tuple[type, ...] = SPATIAL_TRANSFORM_TYPES, validate: bool = True,
+                 pseudo_labels=None):
         if len(patch_size) != 2 or len(final_patch_size) != 2:
             raise ValueError(f"SliceAwareDataLoader is for 2d configurations: patch_size must be (y, x), got "
                              f"{tuple(patch_size)} / {tuple(final_patch_size)}.")
@@ -301,6 +307,14 @@ class SliceAwareDataLoader(nnUNetDataLoader):
         if self.two_views and self.share_spatial and self.transforms is not None:
             self.transforms, self._shared = share_spatial_parameters(self.transforms, spatial_transform_types)
 
+        # ---- pseudo-labels of unlabeled cases (nnunet_contrastive.data.pseudo_labels; see _pseudo_segmentation)
+        self.pseudo_labels = pseudo_labels
+        if pseudo_labels is not None and self.num_unlabeled:
+            missing = [k for _, k in self.unlabeled_pool if not pseudo_labels.has(k)]
+            if missing:
+                raise ValueError(f"{pseudo_labels!r} has no pseudo-label for unlabeled case(s) {missing[:5]} "
+                                 f"({len(missing)} in all).")
+
         if validate:
             self.validate_cases()
 
@@ -367,6 +381,35 @@ class SliceAwareDataLoader(nnUNetDataLoader):
         data, props = load_image_only(self.unlabeled_datasets[d], key)
         return key, data, None, None, props
 
+    # ------------------------------------------------------------------ pseudo-label route
+    def _pseudo_segmentation(self, case: str, bbox, base: torch.Tensor) -> torch.Tensor:
+        """The segmentation an unlabeled sample feeds to the transforms when the loader has pseudo-labels: the
+        case's pseudo-label cropped with the image's bounding box (padded with -1, as nnU-Net pads labels), -1 where
+        ``base`` is -1 (every image channel 0, as for image-only samples), plus, when the source carries
+        confidence, a second channel with the confidence quantised to CONFIDENCE_LEVELS levels. Both channels
+        then go through nnU-Net's transforms exactly like a segmentation (same spatial transform as the image)."""
+        from nnunet_contrastive.data.pseudo_labels import CONFIDENCE_LEVELS
+
+        pl, conf = self.pseudo_labels.load(case)
+        seg = torch.from_numpy(np.array(crop_and_pad_nd(pl, bbox, -1), dtype=np.int16))[:, 0]  # a writable copy
+        seg = torch.where(base == -1, torch.full_like(seg, -1), seg)
+        if conf is None:
+            return seg
+        c = crop_and_pad_nd(np.asarray(conf, dtype=np.float32), bbox, 0)[:, 0]
+        level = torch.from_numpy(np.rint(c * CONFIDENCE_LEVELS).astype(np.int16))
+        return torch.cat((seg, level), dim=0)
+
+    def _split_pseudo(self, tgt):
+        """(target with the fill shape of a real target, pseudo-label (1, y, x) int16, confidence (1, y, x) float
+        or None) from the transformed segmentation of an unlabeled sample with pseudo-labels."""
+        from nnunet_contrastive.data.pseudo_labels import CONFIDENCE_LEVELS
+
+        full = tgt[0] if isinstance(tgt, list) else tgt
+        pseudo = full[:1].clone()
+        conf = full[1:2].float().clamp(min=0) / CONFIDENCE_LEVELS if full.shape[0] > 1 else None
+        tgt = [t[:1].clone() for t in tgt] if isinstance(tgt, list) else tgt[:1].clone()
+        return tgt, pseudo, conf
+
     def _views(self, image: torch.Tensor, seg: torch.Tensor) -> list[tuple]:
         if self.transforms is None:
             return [(image, seg)] + ([(image.clone(), seg.clone())] if self.two_views else [])
@@ -394,6 +437,8 @@ class SliceAwareDataLoader(nnUNetDataLoader):
         images: list = [None] * n_views
         targets: list = [None] * n_views
         keys, slice_index, num_slices, position, partition, labeled_flags = [], [], [], [], [], []
+        pseudo: list = [None] * n_views  # pseudo-label route: (B, 1, y, x) int16, -1 on labeled rows
+        pseudo_conf: list = [None] * n_views
 
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for j, (labeled, idx, part) in enumerate(plan):
@@ -434,8 +479,24 @@ class SliceAwareDataLoader(nnUNetDataLoader):
                     seg_cropped = seg_cropped[:, 0]
                 else:  # no label read: nnU-Net's "outside the nonzero region" (-1) where every channel is 0
                     seg_cropped = torch.where((data_cropped == 0).all(0, keepdim=True), -1, 0).to(torch.int16)
+                    if self.pseudo_labels is not None:
+                        seg_cropped = self._pseudo_segmentation(case, bbox, seg_cropped)
 
                 for v, (img, tgt) in enumerate(self._views(data_cropped, seg_cropped)):
+                    if self.pseudo_labels is not None:
+                        if labeled:
+                            pl_row, conf_row = None, None
+                        else:
+                            tgt, pl_row, conf_row = self._split_pseudo(tgt)
+                        if pseudo[v] is None:
+                            size = (B, 1, *img.shape[1:])
+                            pseudo[v] = torch.full(size, -1, dtype=torch.int16)
+                            if getattr(self.pseudo_labels, "confidence", False):
+                                pseudo_conf[v] = torch.zeros(size, dtype=torch.float32)
+                        if pl_row is not None:
+                            pseudo[v][j] = pl_row
+                            if pseudo_conf[v] is not None and conf_row is not None:
+                                pseudo_conf[v][j] = conf_row
                     if not labeled:
                         tgt = [t.fill_(self.unlabeled_target_value) for t in tgt] if isinstance(tgt, list) \
                             else tgt.fill_(self.unlabeled_target_value)
@@ -475,6 +536,11 @@ class SliceAwareDataLoader(nnUNetDataLoader):
             batch["contrastive_label_names"] = list(self.contrastive_label_names)
         if self.two_views:
             batch["data_view2"], batch["target_view2"] = images[1], targets[1]
+        if self.pseudo_labels is not None:
+            for v, suffix in enumerate(["", "_view2"][:n_views]):
+                batch["pseudo_target" + suffix] = pseudo[v]
+                if pseudo_conf[v] is not None:
+                    batch["pseudo_confidence" + suffix] = pseudo_conf[v]
         return batch
 
 
@@ -555,7 +621,7 @@ def build_semi_dataloaders(trainer, *, sampling: str = "random", num_labeled: in
                            metadata: MetadataTable | None = None, meta_label_columns: Sequence[str] | None = None,
                            unlabeled_target_value: int | None = None, val_num_partitions: int | None = None,
                            split: tuple[Sequence[str], Sequence[str]] | None = None, start: bool = True,
-                           contrastive_labels: Sequence[str] = ()):
+                           contrastive_labels: Sequence[str] = (), pseudo_labels=None):
     """(train_loader, val_loader) for an overridden ``get_dataloaders()``, built and wrapped like nnU-Net's.
 
     Transforms come from the trainer's own (static) ``get_training_transforms`` / ``get_validation_transforms``
@@ -572,6 +638,9 @@ def build_semi_dataloaders(trainer, *, sampling: str = "random", num_labeled: in
     `num_partitions`). Meta-labels: `metadata` or the dataset's metadata.csv (`find_metadata`); without a table
     `meta_labels` has M=0 columns. `contrastive_labels` (resolved meta-label names, nnunet_contrastive.data.meta_labels)
     makes training batches carry `contrastive_labels` (N, M) int64 in that order. `start=False` returns the unwrapped loaders (tests, benchmarks).
+    `pseudo_labels` (a nnunet_contrastive.data.pseudo_labels.PseudoLabelSource): the training loader's unlabeled
+    samples carry their pseudo-label (and confidence) through the transforms as a segmentation; batches get
+    `pseudo_target` (and `pseudo_confidence`), never mixed into `target`.
     """
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
@@ -610,7 +679,7 @@ def build_semi_dataloaders(trainer, *, sampling: str = "random", num_labeled: in
         dataset_tr, num_labeled + num_unlabeled, initial_patch_size, patch_size, transforms=tr_transforms,
         unlabeled=unlabeled, num_unlabeled=num_unlabeled, sampling=sampling, num_partitions=num_partitions,
         two_views=two_views, share_spatial=share_spatial, unlabeled_target_value=unlabeled_target_value,
-        contrastive_labels=contrastive_labels, **common)
+        contrastive_labels=contrastive_labels, pseudo_labels=pseudo_labels, **common)
     dl_val = SliceAwareDataLoader(
         dataset_val, batch_size, patch_size, patch_size, transforms=val_transforms, sampling="random",
         num_partitions=num_partitions if val_num_partitions is None else val_num_partitions, **common)

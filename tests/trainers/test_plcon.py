@@ -1,0 +1,185 @@
+"""nnUNetTrainerPLCon on tiny phantoms: stages, pseudo-label rounds (estimation, resume mid-round and mid-estimation,
+never recomputed), labels of unlabeled cases never read, the term's gradient, and nnU-Net's CLI end to end."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PHANTOM_ID, build_trainer, cli_env, hide_label_files, phantom_in_process, run_cli
+
+pytestmark = pytest.mark.slow
+PLANS = "nnUNetPlans_cpu_small"
+
+
+@pytest.fixture
+def in_process(phantom_prepared, monkeypatch, tmp_path):
+    return phantom_in_process(phantom_prepared, monkeypatch, str(tmp_path / "results"),
+                              nnUNet_contrastive_stage_epochs="1,1,1,1", nnUNet_contrastive_iterations=2,
+                              nnUNet_contrastive_val_iterations=1)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_stages_follow_the_run_length(monkeypatch):
+    from nnunet_contrastive.trainers import nnUNetTrainerPLCon, nnUNetTrainerPLConIntra
+
+    monkeypatch.delenv("nnUNet_contrastive_epochs", raising=False)
+    monkeypatch.delenv("nnUNet_contrastive_stage_epochs", raising=False)
+    plan = nnUNetTrainerPLCon.stage_plan()
+    assert [(s.name, s.epochs) for s in plan.stages] == [("warmup", 250), ("round1", 250), ("round2", 250),
+                                                         ("round3", 250)]
+    monkeypatch.setenv("nnUNet_contrastive_epochs", "10")
+    stages = nnUNetTrainerPLCon.declare_stages()
+    assert [(s.name, s.epochs) for s in stages] == [("warmup", 2), ("round1", 3), ("round2", 3), ("round3", 2)]
+    warm, r1, r2 = stages[:3]
+    assert warm.term_names == ["sup"] and warm.loader.unlabeled == 0  # supervised warm-up on labeled cases
+    assert [(u.term, u.rows, u.weight) for u in r1.terms] == [("sup", "labeled", 1.0), ("plcon", "all", 0.1)]
+    assert r1.fresh_lr and not r2.fresh_lr and r1.loader.unlabeled == 0.5
+    assert nnUNetTrainerPLCon.needs_unlabeled() and not nnUNetTrainerPLCon.pretraining_stage_names()
+    assert nnUNetTrainerPLConIntra.inter_image is False
+
+
+def test_rounds_estimate_resume_mid_estimation_and_never_recompute(in_process):
+    """Round 1 is estimated at the end of the warm-up; the run is stopped while round 2 is being estimated (one
+    case written); --c restarts round 2 from the same network state (the written case is kept), never recomputes
+    round 1, and finishes rounds 2 and 3 with their statistics logged."""
+    import nnunet_contrastive.data.pseudo_labels as PL
+
+    a = build_trainer(in_process, "nnUNetTrainerPLCon")
+    a.save_every = 1
+    store = a.pseudo_label_store
+    original_write = PL.PseudoLabelStore.write_case
+
+    def write_then_stop(self, r, case, labels, confidence):
+        original_write(self, r, case, labels, confidence)
+        if r == 2:
+            raise _Interrupt()
+
+    PL.PseudoLabelStore.write_case = write_then_stop
+    try:
+        with pytest.raises(_Interrupt):
+            a.run_training()
+    finally:
+        PL.PseudoLabelStore.write_case = original_write
+    a._finish_loaders()
+    n_unl = len(a.unlabeled_keys)
+    assert n_unl > 1
+    m1 = store.manifest(1)
+    assert m1["complete"] and m1["state"]["epoch"] == 1 and len(m1["cases"]) == n_unl
+    assert m1["changed_fraction"] is None and 0.0 <= m1["val_dice_mean"] <= 1.0 and m1["seconds_per_case"] > 0
+    m2 = store.manifest(2)
+    assert not m2["complete"] and m2["state"]["epoch"] == 2
+    written = [f for f in os.listdir(store.round_dir(2)) if f.endswith("_pl.npy")]
+    assert len(written) == 1
+    r1_files = {f: os.path.getmtime(os.path.join(store.round_dir(1), f)) for f in os.listdir(store.round_dir(1))}
+    # every pseudo-label is a valid label map on the preprocessed grid of its case
+    case = m1["cases"][0]
+    pl = np.load(os.path.join(store.round_dir(1), f"{case}_pl.npy"))
+    conf = np.load(os.path.join(store.round_dir(1), f"{case}_conf.npy"))
+    import blosc2
+
+    img = blosc2.open(os.path.join(a.preprocessed_dataset_folder, f"{case}.b2nd"))
+    assert pl.shape == (1, *img.shape[1:]) and set(np.unique(pl).tolist()) <= set(a.label_manager.all_labels)
+    assert conf.shape == pl.shape and conf.min() >= 1 / len(a.label_manager.all_labels) - 1e-3 and conf.max() <= 1.0
+
+    b = build_trainer(in_process, "nnUNetTrainerPLCon")
+    b.load_checkpoint(os.path.join(b.output_folder, "checkpoint_latest.pth"))
+    assert b.current_epoch == 2  # the stop came before epoch 2 (round 2) started
+    logs = []
+    b.print_to_log_file = lambda *args, **kw: logs.append(" ".join(str(x) for x in args))
+    b.run_training()
+    assert any("1 kept from an interrupted estimation with the same network" in s for s in logs)
+    assert any("Pseudo-labels round" in s and "changed since round 1" in s for s in logs)
+    assert {f: os.path.getmtime(os.path.join(store.round_dir(1), f)) for f in os.listdir(store.round_dir(1))} \
+        == r1_files  # round 1 never recomputed
+    m2, m3 = store.manifest(2), store.manifest(3)
+    assert m2["complete"] and m2["num_estimated"] == n_unl - 1 and m3["complete"] and m3["state"]["epoch"] == 3
+    assert 0.0 <= m2["changed_fraction"] <= 1.0
+    log = b.logger.local_logger.my_fantastic_logging
+    assert np.isnan(log["plcon_loss"][0]) and all(np.isfinite(log["plcon_loss"][1:4]))
+    assert log["plcon_round"][1:4] == [1.0, 2.0, 3.0]
+    assert log["plcon_val_dice"][3] == pytest.approx(m3["val_dice_mean"])
+    assert log["plcon_changed"][2] == pytest.approx(m2["changed_fraction"])
+    assert all(k in log for k in ("plcon_anchors_c1", "plcon_anchors_c2", "plcon_images"))
+    ckpt = torch.load(os.path.join(b.output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert any(k.startswith("plcon.head.") for k in ckpt["nnunet_contrastive"]["terms"])
+    assert not any("plcon" in k or "head" in k for k in ckpt["network_weights"])  # head outside the network
+
+    # a third start in the last round: every round is complete, nothing is estimated again
+    c = build_trainer(in_process, "nnUNetTrainerPLCon")
+    c.load_checkpoint(os.path.join(c.output_folder, "checkpoint_final.pth"))  # nnU-Net deletes checkpoint_latest
+    logs.clear()
+    c.print_to_log_file = lambda *args, **kw: logs.append(" ".join(str(x) for x in args))
+    c.current_epoch = 3
+    c.on_train_start()
+    assert any("round 3: complete" in s and "not recomputed" in s for s in logs)
+    c._finish_loaders()
+
+
+def test_plcon_never_reads_unlabeled_labels_and_gradients_reach_head_and_network(in_process, tmp_path):
+    """Hide every unlabeled case's label file, estimate round 1 and train on mixed batches: the contrast reads
+    ground truth on labeled rows and pseudo-labels (never a gradient) on unlabeled rows."""
+    t = build_trainer(in_process, "nnUNetTrainerPLConConfident")
+    t.initialize()
+    t.do_split()
+    with hide_label_files(t, t.unlabeled_keys, str(tmp_path)):
+        t.on_train_start()  # stage 1: labeled rows only
+        t.train_step(next(t.dataloader_train))
+        t.current_epoch = 1
+        t.on_epoch_start()  # round 1: estimation on image-only reads, then mixed loaders
+        assert t.pseudo_label_store.is_complete(1)
+        batch = next(t.dataloader_train)
+        labeled = np.asarray(batch["labeled"])
+        assert labeled.sum() == t.batch_size and (~labeled).sum() == round(0.5 * t.batch_size)
+        assert set(batch["keys"][~labeled]) <= set(t.unlabeled_keys)
+        assert (batch["pseudo_target"][labeled] == -1).all() and (batch["pseudo_target"][~labeled] >= 0).all()
+        assert "pseudo_confidence" in batch and not batch["pseudo_target"].requires_grad
+        head = t.terms["plcon"].head
+        from nnunet_contrastive.framework.context import StepContext
+
+        ctx = StepContext(batch, t.device, t.network, None, None, 0.0, t.current_stage(), t)
+        lab = t.terms["plcon"].row_labels(ctx, "all")
+        conf = batch["pseudo_confidence"][:, 0]
+        low = (~torch.as_tensor(labeled)).view(-1, 1, 1) & (conf < 0.9)
+        assert (lab[low] == -1).all()  # confidence filter
+        tgt = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        assert torch.equal(lab[torch.as_tensor(labeled)], tgt[torch.as_tensor(labeled), 0].long())
+        t.optimizer.zero_grad(set_to_none=True)
+        loss, stats = t.terms["plcon"](ctx, "all")
+        assert loss.requires_grad and float(loss.detach()) > 0
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+        dec_last = t.network.decoder.stages[-1]
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in dec_last.parameters())
+        assert stats["plcon_images"] > 0 and "plcon_anchors_c1" in stats
+        out = t.train_step(next(t.dataloader_train))
+        assert np.isfinite(out["loss"])
+        t._finish_loaders()
+
+
+def test_plcon_cli_train_predict_evaluate(phantom_prepared):
+    prepared = phantom_prepared
+    env = cli_env(prepared["folders"], nnUNet_contrastive_stage_epochs="2,1,1,1", nnUNet_contrastive_iterations=10,
+                  nnUNet_contrastive_val_iterations=1)
+    out = run_cli(["nnUNetv2_train", PHANTOM_ID, "2d", "0", "-tr", "nnUNetTrainerPLCon", "-p", PLANS,
+                   "-device", "cpu"], env)
+    assert "Pseudo-labels round 3 complete" in out and "plcon_loss" in out and "plcon_anchors_c1" in out
+    fold = os.path.join(prepared["folders"]["nnUNet_results"], f"Dataset{PHANTOM_ID}_E2E",
+                        f"nnUNetTrainerPLCon__{PLANS}__2d", "fold_0")
+    for f in ("checkpoint_final.pth", "progress_contrastive.png", "pseudo_labels/round_3/manifest.json"):
+        assert os.path.isfile(os.path.join(fold, f)), f
+    pred = os.path.join(prepared["folders"]["nnUNet_results"], "pred_plcon")
+    run_cli(["nnUNetv2_predict", "-i", os.path.join(prepared["raw"], "imagesTs"), "-o", pred, "-d", PHANTOM_ID,
+             "-c", "2d", "-tr", "nnUNetTrainerPLCon", "-p", PLANS, "-f", "0", "-chk", "checkpoint_final.pth",
+             "-npp", "0", "-nps", "0", "-device", "cpu", "--disable_progress_bar"], env)
+    run_cli(["nnUNetv2_evaluate_folder", os.path.join(prepared["raw"], "labelsTs"), pred, "-djfile",
+             os.path.join(prepared["raw"], "dataset.json"), "-pfile", os.path.join(prepared["pre"], f"{PLANS}.json"),
+             "-np", "2"], env)
+    dice = json.load(open(os.path.join(pred, "summary.json")))["foreground_mean"]["Dice"]
+    assert dice > 0.05

@@ -1,0 +1,172 @@
+"""nnUNetTrainerPLCon: pixel contrast on ground truth and pseudo-labels with self-training rounds
+(Chaitanya et al. 2021, "Local contrastive loss with pseudo-label based self-training").
+
+Stages (declared on the staged framework, trainers/staged.py):
+
+* ``warmup``: nnU-Net's Dice+CE on the labeled cases only (the paper's Eq. 1), its own poly-LR segment, so the
+  first pseudo-labels come from a converged supervised network (the authors train this baseline separately).
+* ``round1`` ... ``round<R>`` (R = ``num_rounds``, 3 as in the paper): each starts by (re-)estimating the
+  pseudo-labels of every unlabeled case of the fold (and of ``imagesUnlabeled``) with the current network through
+  nnU-Net's own predictor (nnunet_contrastive.data.pseudo_labels: sliding window on the preprocessed images,
+  stored per case in ``<fold>/pseudo_labels/round_<r>``, file-backed; an interrupted estimation resumes cleanly, a
+  finished round is never recomputed). Batches: the plans' batch of labeled rows plus
+  ``unlabeled_batch_ratio`` x batch unlabeled rows whose pseudo-labels travel through nnU-Net's augmentation as
+  segmentations. Loss (Eq. 2): Dice+CE on the labeled rows (ground truth ONLY: the paper's key finding, Table II)
+  + ``lambda_cont`` x the pixel contrast (Eq. 3-4; nnunet_contrastive.losses.pixel_contrast) on all rows, ground
+  truth on labeled rows and pseudo-labels on unlabeled ones. The rounds share one poly-LR segment (no restart
+  between rounds: the paper keeps one optimiser through the joint training).
+
+Lengths: ``warmup_fraction`` (1/4, the paper's 5000 of 20000 iterations) of the run's epochs
+(``nnUNet_contrastive_epochs`` or nnU-Net's 1000), the rest split evenly over the rounds;
+``nnUNet_contrastive_stage_epochs=W,R1,R2,R3`` sets them one by one.
+
+Defaults (paper, Sec. IV-E): lambda_cont 0.1, tau 0.1, 3 anchors per class and image, 16-d embeddings from two
+1x1 convolutions on the last decoder stage, inter-image matching (the paper's default experiment), uniform pixel
+sampling (NSSampler, without replacement; the authors draw with replacement). Not reproduced from the authors'
+code (methods.md C): the cumulative normalisation (we normalise once), dense-CRF post-processing of the
+pseudo-labels (nnU-Net's own prediction is used as is), the fixed 10+10 contrastive batch of images with every
+class present (our batches are nnU-Net's, and absent classes are left out).
+
+Observability (log, progress_contrastive.png): ``plcon_loss``, ``plcon_anchors_c<k>``, ``plcon_images``, and per
+round ``plcon_round``, ``plcon_changed`` (fraction of unlabeled pixels whose pseudo-label changed at this
+re-estimation) and ``plcon_val_dice`` (pseudo-label Dice against ground truth on the fold's validation cases).
+"""
+from __future__ import annotations
+
+import os
+
+from nnunet_contrastive.components.samplers import build_sampler
+from nnunet_contrastive.data.dataloading import unlabeled_folder_of
+from nnunet_contrastive.data.pseudo_labels import PseudoLabelStore, estimate_round
+from nnunet_contrastive.framework.stages import LoaderSpec, Stage, Use
+from nnunet_contrastive.terms import SupervisedTerm
+from nnunet_contrastive.terms.pixel_contrast import PixelContrastTerm, PixelEmbeddingHead
+from nnunet_contrastive.trainers.base import SCHEDULE_ENV
+from nnunet_contrastive.trainers.staged import DEFAULT_NUM_EPOCHS, nnUNetTrainerStaged
+
+__all__ = ["nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConConfident", "nnUNetTrainerPLConSG"]
+
+
+class nnUNetTrainerPLCon(nnUNetTrainerStaged):
+    """Supervised warm-up, then R self-training rounds: Dice+CE on ground truth + lambda x pixel contrast on ground
+    truth and pseudo-labels, pseudo-labels re-estimated by nnU-Net's predictor at every round (Chaitanya et al.)."""
+
+    warmup_fraction = 0.25
+    num_rounds = 3
+    unlabeled_batch_ratio = 0.5  # unlabeled rows per batch, as a fraction of the plans' batch size (labeled rows)
+    lambda_cont = 0.1
+    temperature = 0.1
+    pixels_per_class = 3
+    embedding_dim = 16
+    inter_image = True
+    min_confidence = 0.0  # > 0: unlabeled pixels below this pseudo-label confidence are left out of the contrast
+    pixel_sampler = "ns"  # nnunet_contrastive.components.samplers: "ns", "sg", "sag"
+    pseudo_label_mirroring = False  # test-time mirroring of the estimation (nnU-Net's predictor)
+
+    # ------------------------------------------------------------------ declarations
+    @classmethod
+    def planned_epochs(cls) -> int:
+        raw = os.environ.get(SCHEDULE_ENV["num_epochs"])
+        return int(raw) if raw else DEFAULT_NUM_EPOCHS
+
+    @classmethod
+    def declare_stages(cls) -> list:
+        total = cls.planned_epochs()
+        warm = max(1, int(round(total * cls.warmup_fraction)))
+        rest = max(total - warm, 1)
+        lengths = [rest // cls.num_rounds + (1 if i < rest % cls.num_rounds else 0) for i in range(cls.num_rounds)]
+        stages = [Stage("warmup", warm, LoaderSpec(labeled="batch"), terms=(Use("sup", rows="labeled"),))]
+        for i, n in enumerate(lengths):
+            stages.append(Stage(f"round{i + 1}", n,
+                                LoaderSpec(labeled="batch", unlabeled=float(cls.unlabeled_batch_ratio)),
+                                trains=("network", "plcon"),
+                                terms=(Use("sup", rows="labeled"), Use("plcon", cls.lambda_cont, rows="all")),
+                                fresh_lr=i == 0, fresh_momentum=i == 0))
+        return stages
+
+    def build_terms(self) -> dict:
+        if self.label_manager.has_regions:
+            raise ValueError(f"{type(self).__name__}: region-based datasets are not supported (pseudo-labels are "
+                             f"class labels).")
+        head = PixelEmbeddingHead.for_network(self.network, self.embedding_dim)
+        return {"sup": SupervisedTerm(),
+                "plcon": PixelContrastTerm(head, self.label_manager.foreground_labels, self.temperature,
+                                           self.pixels_per_class, self.inter_image, build_sampler(self.pixel_sampler),
+                                           self.min_confidence)}
+
+    # ------------------------------------------------------------------ pseudo-labels
+    @property
+    def pseudo_label_store(self) -> PseudoLabelStore:
+        return PseudoLabelStore(os.path.join(self.output_folder, "pseudo_labels"))
+
+    def round_of_stage(self, index: int):
+        name = self.plan.stages[index].name
+        return int(name[len("round"):]) if name.startswith("round") else None
+
+    def do_split(self):
+        tr, val = super().do_split()
+        self._last_split = (list(tr), list(val))
+        return tr, val
+
+    def unlabeled_cases(self) -> list:
+        """[(nnU-Net dataset, case id)] of every unlabeled case the loaders draw from (read image-only)."""
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        cases = []
+        if self.unlabeled_keys:
+            ds = self.dataset_class(self.preprocessed_dataset_folder, list(self.unlabeled_keys))
+            cases += [(ds, k) for k in self.unlabeled_keys]
+        folder = unlabeled_folder_of(self)
+        if os.path.isdir(folder):
+            ds_u = self.dataset_class(folder)
+            cases += [(ds_u, k) for k in ds_u.identifiers]
+        return cases
+
+    def ensure_pseudo_labels(self, r: int) -> dict:
+        """The manifest of round r, estimating (or finishing) it first unless it is complete."""
+        store = self.pseudo_label_store
+        if not store.is_complete(r):
+            if self.local_rank == 0:
+                val = getattr(self, "_last_split", (None, []))[1]
+                estimate_round(self, store, r, self.unlabeled_cases(), val, self.pseudo_label_mirroring,
+                               log=self.print_to_log_file)
+            if self.is_ddp:
+                from torch import distributed as dist
+
+                dist.barrier()
+        else:
+            self.print_to_log_file(f"Pseudo-labels round {r}: complete in {store.round_dir(r)}, not recomputed.")
+        m = store.manifest(r)
+        nan = float("nan")
+        self.pseudo_label_stats = {
+            "plcon_round": float(r),
+            "plcon_changed": nan if m.get("changed_fraction") is None else float(m["changed_fraction"]),
+            "plcon_val_dice": nan if m.get("val_dice_mean") is None else float(m["val_dice_mean"])}
+        return m
+
+    def loader_options(self, stage_index: int) -> dict:
+        r = self.round_of_stage(stage_index)
+        if r is None:
+            self.pseudo_label_stats = {}
+            return {}
+        self.ensure_pseudo_labels(r)
+        return {"pseudo_labels": self.pseudo_label_store.source(r, confidence=self.min_confidence > 0)}
+
+
+# ---------------------------------------------------------------------------------------------------- variants
+class nnUNetTrainerPLConIntra(nnUNetTrainerPLCon):
+    """Intra-image matching: an anchor's class means come from its own image only."""
+    inter_image = False
+
+
+class nnUNetTrainerPLConConfident(nnUNetTrainerPLCon):
+    """Only unlabeled pixels with pseudo-label confidence >= 0.9 enter the contrast (paper Table VII filters whole
+    volumes by the Dice of two augmented predictions instead; here: per pixel, by the softmax confidence)."""
+    min_confidence = 0.9
+
+
+class nnUNetTrainerPLConSG(nnUNetTrainerPLCon):
+    """Anchors drawn with ARCO's stratified group sampler (SG) instead of uniformly."""
+    pixel_sampler = "sg"
