@@ -247,6 +247,7 @@ def test_quick_benchmark_end_to_end(hippocampus_dir, tmp_path):
     print(f"quick benchmark: {wall:.0f} s")
 
 
+@pytest.mark.slow
 def test_quick_benchmark_acdc(acdc_dir, tmp_path):
     """--dataset acdc: the published split by patient, test patients held out before planning, per-structure Dice."""
     from conftest import cli_env
