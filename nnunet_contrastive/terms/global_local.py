@@ -52,8 +52,8 @@ class GlobalContrastTerm(LossTerm):
     def forward(self, ctx, rows: str = "all"):
         if ctx.num_rows(rows) < 2:
             return None
-        z1 = self.head(ctx.forward("student", 0, rows, encoder_only=True).bottleneck)
-        z2 = self.head(ctx.forward("student", 1, rows, encoder_only=True).bottleneck)
+        f1, f2 = ctx.forward_views("student", (0, 1), rows, encoder_only=True)
+        z1, z2 = self.head(f1.bottleneck), self.head(f2.bottleneck)
         part = None if self.strategy == "GR" else partition_of(ctx, rows)
         out = global_contrastive_loss(z1, z2, self.strategy, part, self.temperature)
         return out.loss, {f"{self.name}_positives": out.positives_per_anchor,
@@ -77,8 +77,7 @@ class LocalContrastTerm(LossTerm):
         self.head, self.decoder_stage = head, int(decoder_stage)
         self.strategy, self.temperature = strategy, float(temperature)
 
-    def region_features(self, ctx, view: int, rows: str) -> torch.Tensor:
-        f = ctx.forward("student", view, rows)
+    def region_features(self, f) -> torch.Tensor:
         if self.decoder_stage >= len(f.decoder):
             raise ValueError(f"decoder stage {self.decoder_stage} asked for, the network has {len(f.decoder)}")
         return self.head.regions(f.decoder[self.decoder_stage])
@@ -86,8 +85,7 @@ class LocalContrastTerm(LossTerm):
     def forward(self, ctx, rows: str = "all") -> Optional[tuple]:
         if ctx.num_rows(rows) < 1:
             return None
-        f1 = self.region_features(ctx, 0, rows)
-        f2 = self.region_features(ctx, 1, rows)
+        f1, f2 = (self.region_features(f) for f in ctx.forward_views("student", (0, 1), rows))
         part = None if self.strategy == "LR" else partition_of(ctx, rows)
         out = local_contrastive_loss(f1, f2, self.strategy, part, self.temperature)
         return out.loss, {f"{self.name}_positives": out.positives_per_anchor,

@@ -54,8 +54,8 @@ class MetaLabelContrastTerm(LossTerm):
         n = ctx.num_rows(rows)
         if n < 2:
             return None
-        z1 = self.head(ctx.forward("student", 0, rows, encoder_only=True).bottleneck)
-        z2 = self.head(ctx.forward("student", 1, rows, encoder_only=True).bottleneck)
+        f1, f2 = ctx.forward_views("student", (0, 1), rows, encoder_only=True)
+        z1, z2 = self.head(f1.bottleneck), self.head(f2.bottleneck)
         labels = ctx.labels(rows)
         names = list(ctx.batch.get("contrastive_label_names", [])) if labels is not None else []
         gammas = self.gammas(names, n, ctx.progress)

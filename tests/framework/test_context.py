@@ -56,3 +56,31 @@ def test_teacher_pass_has_no_gradient():
     ctx = StepContext(_batch(), torch.device("cpu"), net, teacher=teacher)
     assert ctx.forward("student", 0).logits.requires_grad
     assert not ctx.forward("teacher", 1, "unlabeled").logits.requires_grad
+
+
+def test_two_views_in_one_pass_equal_two_separate_passes():
+    net = _net()
+    calls = []
+    net.encoder.register_forward_hook(lambda *a: calls.append(1))
+    ctx = StepContext(_batch(), torch.device("cpu"), net)
+    f0, f1 = ctx.forward_views("student", (0, 1), "unlabeled")
+    assert len(calls) == 1 and ctx.forward_calls == 1
+    assert f0.bottleneck.shape[0] == 2 and f1.logits.shape[0] == 2
+    assert ctx.forward("student", 1, "unlabeled") is f1  # cached per view
+    assert len(calls) == 1
+    ref = StepContext(_batch(), torch.device("cpu"), net)
+    for view, f in ((0, f0), (1, f1)):  # instance norm: a concatenated pass changes nothing per row
+        r = ref.forward("student", view, "unlabeled")
+        torch.testing.assert_close(f.bottleneck, r.bottleneck, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(f.logits, r.logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(f.decoder[-1], r.decoder[-1], rtol=1e-4, atol=1e-5)
+    # gradients reach the network through the concatenated pass
+    (f0.bottleneck.sum() + f1.bottleneck.sum()).backward()
+    assert net.encoder.stages[0][0].convs[0].conv.weight.grad is not None
+
+
+def test_two_views_with_a_flipped_student_fall_back_to_separate_passes():
+    net = _net()
+    ctx = StepContext(_batch(), torch.device("cpu"), net, flip_generator=torch.Generator().manual_seed(0))
+    ctx.forward_views("student", (0, 1), encoder_only=True)
+    assert ctx.forward_calls == 2
