@@ -99,6 +99,22 @@ def phantom_prepared(tmp_path_factory):
     return dict(folders=folders, env=env, raw=raw, pre=pre)
 
 
+def predict_and_dice(prepared: dict, trainer: str, env: dict, checkpoint: str = "checkpoint_final.pth",
+                     out_name: str | None = None, plans: str = "nnUNetPlans_cpu_small") -> float:
+    """nnUNetv2_predict on the phantoms' imagesTs, nnUNetv2_evaluate_folder against labelsTs: foreground mean Dice."""
+    import json
+
+    pred = os.path.join(prepared["folders"]["nnUNet_results"], out_name or f"pred_{trainer}")
+    run_cli(["nnUNetv2_predict", "-i", os.path.join(prepared["raw"], "imagesTs"), "-o", pred, "-d", PHANTOM_ID,
+             "-c", "2d", "-tr", trainer, "-p", plans, "-f", "0", "-chk", checkpoint, "-npp", "0", "-nps", "0",
+             "-device", "cpu", "--disable_progress_bar"], env)
+    run_cli(["nnUNetv2_evaluate_folder", os.path.join(prepared["raw"], "labelsTs"), pred, "-djfile",
+             os.path.join(prepared["raw"], "dataset.json"), "-pfile", os.path.join(prepared["pre"], f"{plans}.json"),
+             "-np", "2"], env)
+    with open(os.path.join(pred, "summary.json")) as f:
+        return json.load(f)["foreground_mean"]["Dice"]
+
+
 # ------------------------------------------------------------------ in-process trainers on the phantoms
 PHANTOM_PLANS = "nnUNetPlans_cpu_small"
 

@@ -1,13 +1,12 @@
 """nnUNetTrainerARCO and its sampler variants: declarations, and nnU-Net's CLI end to end on the phantoms."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 
-from conftest import PHANTOM_ID, cli_env, run_cli
+from conftest import PHANTOM_ID, cli_env, predict_and_dice, run_cli
 
 PLANS = "nnUNetPlans_cpu_small"
 
@@ -52,13 +51,6 @@ def test_arco_cli_train_predict_evaluate(phantom_prepared):
     log = ckpt["logging"]
     assert all(v > 0 for v in log["arco_loss"]) and all(v >= 2 for v in log["arco_classes_used"])
     assert log["arco_entropy_percent"][0] > log["arco_entropy_percent"][-1]
-    pred = os.path.join(prepared["folders"]["nnUNet_results"], "pred_arco")
-    run_cli(["nnUNetv2_predict", "-i", os.path.join(prepared["raw"], "imagesTs"), "-o", pred, "-d", PHANTOM_ID,
-             "-c", "2d", "-tr", "nnUNetTrainerARCO", "-p", PLANS, "-f", "0", "-chk", "checkpoint_final.pth",
-             "-npp", "0", "-nps", "0", "-device", "cpu", "--disable_progress_bar"], env)
-    run_cli(["nnUNetv2_evaluate_folder", os.path.join(prepared["raw"], "labelsTs"), pred, "-djfile",
-             os.path.join(prepared["raw"], "dataset.json"), "-pfile", os.path.join(prepared["pre"], f"{PLANS}.json"),
-             "-np", "2"], env)
-    dice = json.load(open(os.path.join(pred, "summary.json")))["foreground_mean"]["Dice"]
+    dice = predict_and_dice(prepared, "nnUNetTrainerARCO", env, out_name="pred_arco")
     # an untrained network (random init) scores ~0 on the phantoms; SPCon's test uses the same bar
     assert dice > 0.15, dice

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nnunet_contrastive.trainers as T
-from conftest import PHANTOM_ID, build_trainer, cli_env, phantom_in_process, run_cli
+from conftest import PHANTOM_ID, build_trainer, cli_env, phantom_in_process, predict_and_dice, run_cli
 from nnunet_contrastive.trainers.global_local import nnUNetTrainerGlobalLocal
 
 PLANS = "nnUNetPlans_cpu_small"
@@ -222,12 +222,5 @@ def test_global_local_cli_train_predict_evaluate(phantom_prepared):
                         f"nnUNetTrainerGlobalLocal__{PLANS}__2d", "fold_0")
     for f in ("checkpoint_final.pth", "progress.png", "progress_contrastive.png"):
         assert os.path.isfile(os.path.join(fold, f)), f
-    pred = os.path.join(prepared["folders"]["nnUNet_results"], "pred_global_local")
-    run_cli(["nnUNetv2_predict", "-i", os.path.join(prepared["raw"], "imagesTs"), "-o", pred, "-d", PHANTOM_ID,
-             "-c", "2d", "-tr", "nnUNetTrainerGlobalLocal", "-p", PLANS, "-f", "0", "-chk", "checkpoint_final.pth",
-             "-npp", "0", "-nps", "0", "-device", "cpu", "--disable_progress_bar"], env)
-    run_cli(["nnUNetv2_evaluate_folder", os.path.join(prepared["raw"], "labelsTs"), pred, "-djfile",
-             os.path.join(prepared["raw"], "dataset.json"), "-pfile", os.path.join(prepared["pre"], f"{PLANS}.json"),
-             "-np", "2"], env)
-    dice = json.load(open(os.path.join(pred, "summary.json")))["foreground_mean"]["Dice"]
+    dice = predict_and_dice(prepared, "nnUNetTrainerGlobalLocal", env, out_name="pred_global_local")
     assert dice > 0.05, dice

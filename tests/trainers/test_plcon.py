@@ -2,14 +2,14 @@
 never recomputed), labels of unlabeled cases never read, the term's gradient, and nnU-Net's CLI end to end."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import PHANTOM_ID, build_trainer, cli_env, hide_label_files, phantom_in_process, run_cli
+from conftest import (PHANTOM_ID, build_trainer, cli_env, hide_label_files, phantom_in_process, predict_and_dice,
+                      run_cli)
 
 pytestmark = pytest.mark.slow
 PLANS = "nnUNetPlans_cpu_small"
@@ -174,12 +174,5 @@ def test_plcon_cli_train_predict_evaluate(phantom_prepared):
                         f"nnUNetTrainerPLCon__{PLANS}__2d", "fold_0")
     for f in ("checkpoint_final.pth", "progress_contrastive.png", "pseudo_labels/round_3/manifest.json"):
         assert os.path.isfile(os.path.join(fold, f)), f
-    pred = os.path.join(prepared["folders"]["nnUNet_results"], "pred_plcon")
-    run_cli(["nnUNetv2_predict", "-i", os.path.join(prepared["raw"], "imagesTs"), "-o", pred, "-d", PHANTOM_ID,
-             "-c", "2d", "-tr", "nnUNetTrainerPLCon", "-p", PLANS, "-f", "0", "-chk", "checkpoint_final.pth",
-             "-npp", "0", "-nps", "0", "-device", "cpu", "--disable_progress_bar"], env)
-    run_cli(["nnUNetv2_evaluate_folder", os.path.join(prepared["raw"], "labelsTs"), pred, "-djfile",
-             os.path.join(prepared["raw"], "dataset.json"), "-pfile", os.path.join(prepared["pre"], f"{PLANS}.json"),
-             "-np", "2"], env)
-    dice = json.load(open(os.path.join(pred, "summary.json")))["foreground_mean"]["Dice"]
+    dice = predict_and_dice(prepared, "nnUNetTrainerPLCon", env, out_name="pred_plcon")
     assert dice > 0.05

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PHANTOM_ID, build_trainer, cli_env, phantom_in_process, run_cli
+from conftest import PHANTOM_ID, build_trainer, cli_env, phantom_in_process, predict_and_dice, run_cli
 
 pytestmark = pytest.mark.slow
 PLANS = "nnUNetPlans_cpu_small"
@@ -24,17 +24,6 @@ def _fold_dir(prepared, trainer, results=None):
 def _l_max(n: int, tau: float) -> float:
     """Largest pair loss for n samples (2n views) of unit vectors: log(1 + 2(n-1) e^{2/tau}), written out here."""
     return math.log1p(2 * (n - 1) * math.exp(2 / tau))
-
-
-def _predict_and_dice(prepared, trainer, env, checkpoint, out_name):
-    pred = os.path.join(prepared["folders"]["nnUNet_results"], out_name)
-    run_cli(["nnUNetv2_predict", "-i", os.path.join(prepared["raw"], "imagesTs"), "-o", pred, "-d", PHANTOM_ID,
-             "-c", "2d", "-tr", trainer, "-p", PLANS, "-f", "0", "-chk", checkpoint, "-npp", "0", "-nps", "0",
-             "-device", "cpu", "--disable_progress_bar"], env)
-    run_cli(["nnUNetv2_evaluate_folder", os.path.join(prepared["raw"], "labelsTs"), pred, "-djfile",
-             os.path.join(prepared["raw"], "dataset.json"), "-pfile", os.path.join(prepared["pre"], f"{PLANS}.json"),
-             "-np", "2"], env)
-    return json.load(open(os.path.join(pred, "summary.json")))["foreground_mean"]["Dice"]
 
 
 def test_spcon_cli_train_predict_evaluate_student_and_teacher(phantom_prepared):
@@ -68,8 +57,8 @@ def test_spcon_cli_train_predict_evaluate_student_and_teacher(phantom_prepared):
     assert log["gamma_partition"] == pytest.approx(expected, rel=1e-6)
     assert all(0 <= w <= 1 for w in log["w_mean_partition"])
     assert log["mt_weight"][1] < log["mt_weight"][3]  # ramp-up
-    dice_student = _predict_and_dice(prepared, "nnUNetTrainerSPCon", env, "checkpoint_final.pth", "pred_spcon")
-    dice_teacher = _predict_and_dice(prepared, "nnUNetTrainerSPCon", env, "checkpoint_teacher.pth", "pred_teacher")
+    dice_student = predict_and_dice(prepared, "nnUNetTrainerSPCon", env, "checkpoint_final.pth", "pred_spcon")
+    dice_teacher = predict_and_dice(prepared, "nnUNetTrainerSPCon", env, "checkpoint_teacher.pth", "pred_teacher")
     assert dice_student > 0.15 and dice_teacher > 0.0, (dice_student, dice_teacher)
 
 
@@ -86,7 +75,7 @@ def test_spcon_variant_cli_train_predict_evaluate(phantom_prepared):
     # hard weights are 0 or 1 per pair: their mean equals the fraction of non-zero weights
     log = ckpt["logging"]
     assert log["w_mean_partition"] == pytest.approx(log["w_nonzero_partition"])
-    dice = _predict_and_dice(prepared, "nnUNetTrainerSPConHard", env, "checkpoint_final.pth", "pred_hard")
+    dice = predict_and_dice(prepared, "nnUNetTrainerSPConHard", env, "checkpoint_final.pth", "pred_hard")
     assert dice > 0.05
 
 
