@@ -39,14 +39,18 @@ def seed_from_env(environ=None) -> int | None:
     """The value of nnUNet_contrastive_seed (None when unset). Raises ValueError on a bad value."""
     environ = os.environ if environ is None else environ
     raw = environ.get(SEED_ENV)
-    if raw is None or raw == "":
-        return None
+    return None if raw is None or raw == "" else _env_int(SEED_ENV, raw, 0)
+
+
+def _env_int(var: str, raw: str, minimum: int) -> int:
+    """int(raw) if it is >= minimum, else ValueError naming the variable."""
+    what = "a non-negative integer" if minimum == 0 else "a positive integer"
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{SEED_ENV}={raw!r}: must be a non-negative integer.") from None
-    if value < 0:
-        raise ValueError(f"{SEED_ENV}={raw!r}: must be a non-negative integer.")
+        raise ValueError(f"{var}={raw!r}: must be {what}.") from None
+    if value < minimum:
+        raise ValueError(f"{var}={raw!r}: must be {what}.")
     return value
 
 
@@ -68,13 +72,7 @@ def schedule_from_env(environ=None) -> dict[str, int]:
         raw = environ.get(var)
         if raw is None or raw == "":
             continue
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"{var}={raw!r}: must be a positive integer.") from None
-        if value < 1:
-            raise ValueError(f"{var}={raw!r}: must be a positive integer.")
-        out[attr] = value
+        out[attr] = _env_int(var, raw, 1)
     return out
 
 
