@@ -89,11 +89,18 @@ class StepContext:
             _, self._flip_dims = random_flip(x[:1], generator=self.flip_generator)
         return self._flip_dims
 
-    def _run(self, who: str, view: int, idx: Optional[torch.Tensor], encoder_only: bool,
-             skips: Optional[list] = None) -> Features:
+    def _network(self, who: str):
+        """The student's or the teacher's network; a clear error for any other name or a missing teacher."""
+        if who not in ("student", "teacher"):
+            raise ValueError(f"who must be 'student' or 'teacher', got {who!r}")
         net = self.student if who == "student" else self.teacher
         if net is None:
             raise ValueError("this trainer has no teacher: a term asked for a teacher pass")
+        return net
+
+    def _run(self, who: str, view: int, idx: Optional[torch.Tensor], encoder_only: bool,
+             skips: Optional[list] = None) -> Features:
+        net = self._network(who)
         x = self.input(view)
         x = x if idx is None else x[idx]
         dims = self._flips(x) if (who == "student" and view == 0 and self.flip_generator is not None) else ()
@@ -108,8 +115,7 @@ class StepContext:
     def forward(self, who: str = "student", view: int = 0, rows: str = "all", encoder_only: bool = False
                 ) -> Features:
         """Features of ``who`` ("student" / "teacher") on ``view`` (0 or 1) for ``rows``; cached per step."""
-        if who not in ("student", "teacher"):
-            raise ValueError(f"who must be 'student' or 'teacher', got {who!r}")
+        self._network(who)
         for key in ((who, view, rows), (who, view, "all")):
             hit = self._cache.get(key)
             if hit is not None and (encoder_only or hit.full):
@@ -129,15 +135,11 @@ class StepContext:
         convolutions; on a CPU two passes of N rows cost clearly more than one of 2N), then split and cached per
         view. Equal to separate passes for nnU-Net's instance-normalised networks. Views the student sees flipped
         (``Stage.flip_student``) or already cached are served by ``forward``."""
-        if who not in ("student", "teacher"):
-            raise ValueError(f"who must be 'student' or 'teacher', got {who!r}")
+        net = self._network(who)
         flipped = who == "student" and self.flip_generator is not None and 0 in views
         cached = any(self._cache.get((who, v, r)) is not None for v in views for r in (rows, "all"))
         if flipped or cached or len(views) < 2:
             return tuple(self.forward(who, v, rows, encoder_only) for v in views)
-        net = self.student if who == "student" else self.teacher
-        if net is None:
-            raise ValueError("this trainer has no teacher: a term asked for a teacher pass")
         idx = self.rows(rows)
         xs = [self.input(v) if idx is None else self.input(v)[idx] for v in views]
         self.forward_calls += 1
