@@ -16,7 +16,9 @@ Data (`prepare_data`; the datasets and their split and labeled-subset rules: nnu
     data). The split is recorded in `<workdir>/benchmark_setup.json`.
 
 Budget
-    Every trainer gets the same plans (nnU-Net's 2d plans + the `cpu_small` override: batch 8) and the same number of
+    Every trainer gets the same plans (nnU-Net's 2d plans + the dataset's CPU-tier override: hippocampus `cpu_small`,
+    batch 8; ACDC `acdc_cpu`, 2.5 mm in-plane, patch 160 x 128, batch 8, preprocessed with `nnUNetv2_preprocess
+    -plans_name`; `--plans-override none`: nnU-Net's own plans, the GPU tier) and the same number of
     training iterations with labels, `epochs x iterations` (env nnUNet_contrastive_epochs / _iterations).
     Pre-training stages (the stages a trainer declares `pretraining`: label-free) are run ONCE per seed, on every
     training image, and reused by every N (`-pretrained_weights`); their `pretrain_epochs x iterations` and wall time
@@ -25,9 +27,9 @@ Budget
     method. Predictions use `checkpoint_final.pth` (the student network) for every trainer.
 
 Runs
-    One run = (trainer, N, seed): write the split, `nnUNetv2_train DATASET 2d 0 -tr T -p nnUNetPlans_cpu_small`
+    One run = (trainer, N, seed): write the split, `nnUNetv2_train DATASET 2d 0 -tr T -p <the tier's plans>`
     with its own nnUNet_results folder, `nnUNetv2_predict` on imagesTs, `nnUNetv2_evaluate_folder` against labelsTs.
-    Its result is `<workdir>/runs/<budget>/<trainer>/N<n>_seed<s>/result.json`; a run with that file is skipped, an
+    Its result is `<workdir>/runs/<budget>[_<plans>]/<trainer>/N<n>_seed<s>/result.json` (`Config.tag`); a run with that file is skipped, an
     interrupted one starts again (from its `checkpoint_final.pth` when training had finished). The seed draws the
     labeled subset and seeds nnU-Net's training. FewLabels' validation pseudo-Dice per epoch (nnU-Net's online
     validation) is kept as the learning curve: the report plots it at the smallest and the largest N.
@@ -51,7 +53,8 @@ from nnunet_contrastive.errors import UserInputError
 
 BASELINE = "nnUNetTrainerFewLabels"
 DEFAULT_TRAINERS = [BASELINE, "nnUNetTrainerSPCon"]
-PLANS_OVERRIDE = "cpu_small"
+PLANS_OVERRIDE = "cpu_small"  # the default CPU tier; datasets name their own (BenchDataset.plans_override)
+NO_OVERRIDE = "none"  # --plans-override none: nnU-Net's own plans (the GPU tier)
 SETUP_FILE = "benchmark_setup.json"
 
 # Budgets: FULL is the default run (2 trainers x 4 N x 1 seed on 2 idle CPU cores: see docs/results/);
@@ -85,9 +88,9 @@ class Budget:
                 + ("" if self.pretraining == "inside" else "sep")
                 + ("_notta" if self.disable_tta else ""))
 
-    def describe(self, two_stage: list[str]) -> str:
+    def describe(self, two_stage: list[str], plans: str = f"nnUNetPlans_{PLANS_OVERRIDE}", batch_size: int = 8) -> str:
         s = (f"{self.epochs} epochs x {self.iterations} iterations = {self.total_iterations} training iterations per "
-             f"run for every trainer (batch 8, plans nnUNetPlans_{PLANS_OVERRIDE}; {self.val_iterations} validation "
+             f"run for every trainer (batch {batch_size}, plans {plans}; {self.val_iterations} validation "
              f"iterations per epoch, not counted)")
         if two_stage:
             p, e, i = self.pretrain_epochs, self.epochs, self.iterations
@@ -125,6 +128,21 @@ class Config:
     loss_reps: int = 20
     command: str = ""
     dataset: str = "hippocampus"
+    plans_override: str | None = None  # None: the dataset's CPU tier; NO_OVERRIDE: nnU-Net's own plans
+
+    @property
+    def override(self) -> str:
+        """The plans override of this benchmark (a built-in name, a JSON path, or NO_OVERRIDE)."""
+        return self.plans_override or self.spec.plans_override
+
+    @property
+    def tag(self) -> str:
+        """Folder name of this budget and plans under runs/, pretraining/ and cost/ (the cpu_small plans keep the
+        plain budget tag of earlier benchmarks, so their work folders resume)."""
+        if self.override == PLANS_OVERRIDE:
+            return self.budget.tag
+        name = "nnUNetPlans" if self.override == NO_OVERRIDE else os.path.splitext(os.path.basename(self.override))[0]
+        return f"{self.budget.tag}_{name}"
 
     @property
     def spec(self):
@@ -145,6 +163,7 @@ class Prepared:
     val: list[str]
     test: list[str]
     groups: dict = field(default_factory=dict)  # case -> patient
+    batch_size: int = 8
     title: str = "MSD hippocampus"
     unit: str = "volumes"
     train_order: list = field(default_factory=list)  # patients in the published split's order (ACDC)
@@ -348,14 +367,35 @@ def prepare_data(cfg: Config, env: dict, log=print) -> Prepared:
                                      output_file=os.path.join(cfg.workdir, "plan_and_preprocess.log"))
         log(f"  done in {time.time() - t0:.0f} s")
     copy_metadata(raw, pre)
-    plans = derive_plans(pre, PLANS_OVERRIDE)
+    plans = "nnUNetPlans" if cfg.override == NO_OVERRIDE else derive_plans(pre, cfg.override)
+    ensure_preprocessed(cfg, pre, plans, len(setup["pool"]), env, log)
+    with open(os.path.join(pre, f"{plans}.json"), encoding="utf-8") as f:
+        batch_size = int(json.load(f)["configurations"]["2d"]["batch_size"])
     with open(os.path.join(raw, "dataset.json"), encoding="utf-8") as f:
         labels = json.load(f)["labels"]
     classes = [k for k, v in labels.items() if v != 0 and k != "ignore"]
-    return Prepared(raw=raw, pre=pre, dataset=dataset, plans=plans, labels=labels, classes=classes,
+    return Prepared(raw=raw, pre=pre, dataset=dataset, plans=plans, labels=labels, classes=classes, batch_size=batch_size,
                     train=list(setup["train"]), val=list(setup["val"]), test=list(setup["test"]),
                     groups=dict(setup.get("groups", {})), train_order=list(setup.get("train_order", [])),
                     title=cfg.spec.title, unit=cfg.spec.unit)
+
+
+def ensure_preprocessed(cfg: Config, pre: str, plans: str, n_cases: int, env: dict, log=print) -> None:
+    """Run nnUNetv2_preprocess for plans whose 2d configuration has its own data_identifier (an override that changes
+    the spacing, e.g. acdc_cpu) unless its folder already holds every training-pool case."""
+    from nnunet_contrastive.prep import pipeline
+    from nnunet_contrastive.prep.plans_override import resolved_configuration
+
+    with open(os.path.join(pre, f"{plans}.json"), encoding="utf-8") as f:
+        ident = resolved_configuration(json.load(f), "2d")["data_identifier"]
+    folder = os.path.join(pre, ident)
+    if os.path.isdir(folder) and sum(f.endswith(".pkl") for f in os.listdir(folder)) == n_cases:
+        return
+    log(f"nnUNetv2_preprocess -plans_name {plans} (2d data '{ident}')")
+    t0 = time.time()
+    pipeline.preprocess(cfg.dataset_id, plans, env, log=lambda *a: None,
+                        output_file=os.path.join(cfg.workdir, f"preprocess_{plans}.log"))
+    log(f"  done in {time.time() - t0:.0f} s")
 
 
 def write_split(prep: Prepared, num_labeled, seed: int, spec=None) -> list[str]:
@@ -406,7 +446,7 @@ def ensure_pretraining(cfg: Config, prep: Prepared, base_env: dict, trainer: str
     N; returns {"checkpoint", "wall_s", "iterations"}."""
     from nnunet_contrastive.prep import pipeline
 
-    folder = os.path.join(cfg.workdir, "pretraining", cfg.budget.tag, trainer, f"seed{seed}")
+    folder = os.path.join(cfg.workdir, "pretraining", cfg.tag, trainer, f"seed{seed}")
     info_path = os.path.join(folder, "pretraining.json")
     if os.path.isfile(info_path):
         with open(info_path, encoding="utf-8") as f:
@@ -440,7 +480,7 @@ def validation_curve(checkpoint: str) -> list:
 
 
 def run_dir(cfg: Config, trainer: str, n, seed: int) -> str:
-    return os.path.join(cfg.workdir, "runs", cfg.budget.tag, trainer, f"N{n}_seed{seed}")
+    return os.path.join(cfg.workdir, "runs", cfg.tag, trainer, f"N{n}_seed{seed}")
 
 
 def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: int, log=print) -> dict:
@@ -548,7 +588,7 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
     os.makedirs(cfg.out, exist_ok=True)
     rows = R.summarize(results, trainers, cfg.num_labeled, prep.classes, BASELINE) if results else []
     staged = [t for t in trainers if two_stage(t)]
-    budget_text = cfg.budget.describe(staged)
+    budget_text = cfg.budget.describe(staged, prep.plans, prep.batch_size)
     md = [f"# nnunet-contrastive benchmark: label efficiency and cost on {prep.title}", ""]
     if cfg.quick:
         md += ["**QUICK MODE: a smoke test of the benchmark's code path (tiny data, a few iterations). Its numbers "
@@ -685,9 +725,9 @@ def run_benchmark(cfg: Config, log=print) -> int:
     os.environ.update({k: v for k, v in folders.items() if k != "nnUNet_results"})  # in-process steps
     base_env = pipeline.small_machine_env(**folders)
     step(f"{'QUICK MODE (numbers mean nothing); ' if cfg.quick else ''}trainers {trainers}, N {cfg.num_labeled}, "
-         f"seeds {cfg.seeds}; budget {cfg.budget.tag}; workdir {cfg.workdir}")
+         f"seeds {cfg.seeds}; budget {cfg.budget.tag}; plans override {cfg.override}; workdir {cfg.workdir}")
     prep = prepare_data(cfg, base_env, log=step)
-    clock = WallClock(os.path.join(cfg.workdir, "runs", cfg.budget.tag, "invocations.json"), t_start, cfg.command)
+    clock = WallClock(os.path.join(cfg.workdir, "runs", cfg.tag, "invocations.json"), t_start, cfg.command)
     check_meta_labels(trainers, prep)
     too_many = [n for n in cfg.num_labeled if n != ALL and n > len(prep.train)]
     if too_many:
@@ -703,7 +743,7 @@ def run_benchmark(cfg: Config, log=print) -> int:
                                               res) if tr != STOCK else
             dict(base_env, nnUNet_results=res), prep.dataset, prep.plans, cfg.device, cfg.cost_warmup,
             cfg.cost_iterations, cfg.loss_sizes, cfg.loss_reps,
-            os.path.join(cfg.workdir, "cost", cfg.budget.tag), log=step)
+            os.path.join(cfg.workdir, "cost", cfg.tag), log=step)
 
     results, failures = [], []
     if not cfg.skip_label_efficiency:

@@ -42,6 +42,7 @@ class BenchDataset:
     unit: str  # what N counts: "volumes" or "patients"
     full: dict
     quick: dict
+    plans_override: str = "cpu_small"  # the CPU tier's plans override (a built-in of plans_overrides/)
 
     def default_dir(self) -> str:
         return _shared_data_dir(self.folder)
@@ -134,5 +135,6 @@ HIPPOCAMPUS = BenchDataset(
 ACDC = BenchDataset(
     key="acdc", name="ACDC", folder="ACDC", title="ACDC", unit="patients",
     full=dict(dataset_id=943, test_cases=None, val_cases=None, pool_size=None, num_labeled=["1", "3", "7", "all"]),
-    quick=dict(dataset_id=944, test_cases=1, val_cases=1, pool_size=3, num_labeled=["1", "all"]))
+    quick=dict(dataset_id=944, test_cases=1, val_cases=1, pool_size=3, num_labeled=["1", "all"]),
+    plans_override="acdc_cpu")
 DATASETS = {d.key: d for d in (HIPPOCAMPUS, ACDC)}

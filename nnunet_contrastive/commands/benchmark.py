@@ -14,7 +14,8 @@ def register(sub) -> None:
         description="Convert Task04_Hippocampus (convert-msd) or ACDC (convert-acdc), hold out a fixed test set (moved "
                     "to imagesTs/labelsTs before nnUNetv2_plan_and_preprocess; ACDC: the test patients of "
                     "ssl4mis_split.json), then for each number of labeled volumes (ACDC: patients) N, seed and "
-                    "trainer train with nnUNetv2_train under the same budget (cpu_small plans, the same iterations "
+                    "trainer train with nnUNetv2_train under the same budget (the dataset's CPU-tier plans or "
+                    "--plans-override, the same iterations "
                     "with labels; label-free pre-training runs once per seed and is reused by every N, its cost "
                     "reported apart; runs seeded), predict the test set with nnUNetv2_predict and "
                     "score it with nnUNetv2_evaluate_folder. Also measures seconds per iteration and peak memory of "
@@ -67,6 +68,10 @@ def register(sub) -> None:
                    help="2N values for the loss timing (default 64 128 256 512)")
     p.add_argument("--skip-cost", action="store_true", help="no cost measurements")
     p.add_argument("--skip-label-efficiency", action="store_true", help="cost measurements only")
+    p.add_argument("--plans-override", default=None,
+                   help="plans override of every run: a built-in (cpu_small, acdc_cpu) or a JSON file, or 'none' for "
+                        "nnU-Net's own plans and batch size (the GPU tier). Default: the dataset's CPU tier "
+                        "(hippocampus cpu_small: batch 8; ACDC acdc_cpu: 2.5 mm in-plane, patch 160 x 128, batch 8)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="training/inference device (default cpu)")
     p.add_argument("--quick", action="store_true",
                    help="exercise the whole path in CI time (12 training volumes, a few iterations, N 1 and all); "
@@ -114,7 +119,19 @@ def build_config(args):
         pool_size=preset["pool_size"], split_seed=args.split_seed, device=args.device, quick=args.quick,
         skip_cost=args.skip_cost, skip_label_efficiency=args.skip_label_efficiency,
         cost_warmup=pick("cost_warmup"), cost_iterations=pick("cost_iterations"), loss_sizes=list(pick("loss_sizes")),
-        loss_reps=preset["loss_reps"], command=command_line()), SETUP_FILE
+        loss_reps=preset["loss_reps"], command=command_line(), plans_override=plans_override(args.plans_override)), \
+        SETUP_FILE
+
+
+def plans_override(value: str | None) -> str | None:
+    """--plans-override checked before anything runs: None (the dataset's default), 'none', a built-in or a file."""
+    from nnunet_contrastive.bench.benchmark import NO_OVERRIDE
+    from nnunet_contrastive.prep.plans_override import load_override
+
+    if value is None or value.lower() == NO_OVERRIDE:
+        return None if value is None else NO_OVERRIDE
+    load_override(value)  # unknown name, missing file or bad JSON: a clear error now
+    return os.path.abspath(value) if os.path.isfile(value) else value
 
 
 def run(args) -> int:

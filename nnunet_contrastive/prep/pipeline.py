@@ -98,6 +98,14 @@ def plan_and_preprocess(dataset_id: int, env: dict, configurations=("2d",), log=
                  "-npfp", "2", "--verify_dataset_integrity"], env, log, output_file=output_file)
 
 
+def preprocess(dataset_id: int, plans_name: str, env: dict, configurations=("2d",), log=print,
+               output_file: str | None = None) -> None:
+    """nnUNetv2_preprocess for plans whose configurations need their own preprocessed data (a plans override that
+    changes the spacing, e.g. acdc_cpu)."""
+    run_command(["nnUNetv2_preprocess", "-d", str(dataset_id), "-plans_name", plans_name, "-c", *configurations,
+                 "-np", "2"], env, log, output_file=output_file)
+
+
 def train(dataset_id: int, trainer: str, plans: str, fold: int | str, env: dict, device: str = "cpu",
           configuration: str = "2d", extra: list[str] = (), log=print, output_file: str | None = None) -> None:
     run_command(["nnUNetv2_train", str(dataset_id), configuration, str(fold), "-tr", trainer, "-p", plans,

@@ -265,8 +265,42 @@ def test_quick_benchmark_acdc(acdc_dir, tmp_path):
     assert {setup["groups"][c] for c in setup["val"]} == {split["val"][0]}
     pre = wd / "nnUNet_preprocessed" / "Dataset944_ACDC"
     assert sorted(f[:-len(".nii.gz")] for f in os.listdir(pre / "gt_segmentations")) == sorted(setup["pool"])
+    # the CPU tier: the acdc_cpu plans, preprocessed at 2.5 mm in-plane for every pool case
+    assert res["data"]["plans"] == "nnUNetPlans_acdc_cpu"
+    plans = json.loads((pre / "nnUNetPlans_acdc_cpu.json").read_text())["configurations"]["2d"]
+    assert plans["spacing"] == [2.5, 2.5]
+    assert sorted(f[:-4] for f in os.listdir(pre / plans["data_identifier"]) if f.endswith(".pkl")) == \
+        sorted(setup["pool"])
     for r in res["runs"]:
         assert r["num_test"] == 2 and len(r["dice"]) == 4  # three structures + mean
         if r["num_labeled"] == 1:  # seed 0: the first patient of the published train list, both frames
             assert {setup["groups"][c] for c in r["labeled"]} == {split["train"][0]} and len(r["labeled"]) == 2
     assert "ACDC" in (wd / "report" / "results.md").read_text()
+
+
+def test_plans_override_picks_the_run_folders_and_is_checked(tmp_path):
+    """Each plans override gets its own run folders (results of different plans never mix); cpu_small keeps the
+    plain budget tag of earlier work folders; a bad --plans-override fails before anything is written."""
+    import argparse
+
+    from nnunet_contrastive.bench.benchmark import NO_OVERRIDE
+    from nnunet_contrastive.cli import main
+    from nnunet_contrastive.commands.benchmark import build_config, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+
+    def cfg(*extra):
+        return build_config(parser.parse_args(["benchmark", "--workdir", str(tmp_path / "w"), *extra]))[0]
+
+    hip, acdc = cfg(), cfg("--dataset", "acdc")
+    assert hip.override == "cpu_small" and hip.tag == hip.budget.tag
+    assert acdc.override == "acdc_cpu" and acdc.tag == acdc.budget.tag + "_acdc_cpu"
+    gpu = cfg("--dataset", "acdc", "--plans-override", "none")
+    assert gpu.override == NO_OVERRIDE and gpu.tag.endswith("_nnUNetPlans")
+    custom = tmp_path / "my_plans.json"
+    custom.write_text('{"configurations": {"2d": {"batch_size": 4}}}')
+    assert cfg("--plans-override", str(custom)).tag.endswith("_my_plans")
+    wd = str(tmp_path / "wd")
+    assert main(["benchmark", "--workdir", wd, "--plans-override", "no_such_override"]) == 1
+    assert not os.path.exists(wd)

@@ -315,3 +315,40 @@ def test_new_name_equal_to_the_source_is_refused(tmp_path):
     with pytest.raises(PlansOverrideError, match="source plans"):
         derive_plans(str(tmp_path), "cpu_small", "nnUNetPlans", new_plans_name="nnUNetPlans")
     assert json.loads(src.read_text()) == plans
+
+
+# ------------------------------------------------------------------------------------------------ acdc_cpu
+def acdc_plans() -> dict:
+    """The 2d configuration nnU-Net 2.8.1's planner writes for the 80 ACDC training-pool patients (values read from
+    a real run: spacing 1.484 mm, patch 256 x 224, 6 stages, batch 56)."""
+    conf = _conf(2, "nnUNetPlans_2d", [256, 224], [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2]], 56)
+    conf["spacing"] = [1.4843800067901611, 1.4843800067901611]
+    conf["architecture"]["arch_kwargs"]["features_per_stage"] = [32, 64, 128, 256, 512, 512]
+    plans = real_plans()
+    plans["configurations"] = {"2d": conf}
+    return plans
+
+
+def test_acdc_cpu_override_builds_a_working_network(nnunet_env):
+    """The ACDC CPU tier: new spacing and data identifier (needs nnUNetv2_preprocess), patch 128 x 128, half the
+    features, batch 8; nnU-Net's own network builder accepts it and maps a patch to logits of the patch's size."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = os.path.join(nnunet_env["nnUNet_preprocessed"], DATASET)
+    os.makedirs(folder)
+    with open(os.path.join(folder, "nnUNetPlans.json"), "w") as f:
+        json.dump(acdc_plans(), f)
+    new = derive_plans(folder, "acdc_cpu")
+    conf = PlansManager(os.path.join(folder, f"{new}.json")).get_configuration("2d")
+    assert conf.spacing == [2.5, 2.5] and conf.patch_size == [128, 128] and conf.batch_size == 8
+    assert conf.data_identifier != "nnUNetPlans_2d"  # its own preprocessed data
+    kwargs = conf.network_arch_init_kwargs
+    assert kwargs["features_per_stage"] == [16, 32, 64, 128, 256, 256] and kwargs["n_stages"] == 6
+    net = get_network_from_plans(conf.network_arch_class_name, kwargs, conf.network_arch_init_kwargs_req_import,
+                                 1, 4, allow_init=True, deep_supervision=False)
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 128, 128)).shape == (1, 4, 128, 128)
+    # fewer multiply-adds than nnU-Net's own plans: half the features (1/4 of the conv work) on 0.29x the pixels
+    assert 128 * 128 / (256 * 224) < 0.3
