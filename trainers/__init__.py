@@ -14,8 +14,9 @@ from nnunet_contrastive.trainers.plcon import (nnUNetTrainerPLCon, nnUNetTrainer
                                                nnUNetTrainerPLConIntra, nnUNetTrainerPLConSG)
 from nnunet_contrastive.trainers.spcon import (nnUNetTrainerSPCon, nnUNetTrainerSPConHard,
                                                nnUNetTrainerSPConPatient, nnUNetTrainerSPConPhase,
-                                               nnUNetTrainerSPConPosition, nnUNetTrainerSPConPretrain,
-                                               nnUNetTrainerSPConSemiOnly)
+                                               nnUNetTrainerSPConPaperBatch, nnUNetTrainerSPConPosition,
+                                               nnUNetTrainerSPConPretrain, nnUNetTrainerSPConSemiOnly,
+                                               nnUNetTrainerSPConWarmup)
 from nnunet_contrastive.trainers.staged import nnUNetTrainerStaged
 from nnunet_contrastive.trainers.unsup_con import nnUNetTrainerUnsupCon
 
@@ -27,6 +28,8 @@ __all__ = [
     "nnUNetTrainerSPConPretrain",
     "nnUNetTrainerSPConSemiOnly",
     "nnUNetTrainerSPConHard",
+    "nnUNetTrainerSPConWarmup",
+    "nnUNetTrainerSPConPaperBatch",
     "nnUNetTrainerSPConPosition",
     "nnUNetTrainerSPConPatient",
     "nnUNetTrainerSPConPhase",

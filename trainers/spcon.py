@@ -37,6 +37,7 @@ from nnunet_contrastive.terms import MeanTeacherTerm, MetaLabelContrastTerm, Sup
 from nnunet_contrastive.trainers.staged import PARTITION, MetaLabelError, nnUNetTrainerStaged
 
 __all__ = ["nnUNetTrainerSPCon", "nnUNetTrainerSPConPretrain", "nnUNetTrainerSPConSemiOnly", "nnUNetTrainerSPConHard",
+           "nnUNetTrainerSPConWarmup", "nnUNetTrainerSPConPaperBatch",
            "nnUNetTrainerSPConPosition", "nnUNetTrainerSPConPatient", "nnUNetTrainerSPConPhase", "MetaLabelError",
            "PARTITION"]
 
@@ -67,6 +68,7 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
     lambda_sp = 0.1
     lambda_reg = 1.0
     mt_rampup_fraction = 0.2  # of stage 2
+    semi_warmup = 0.0  # fraction of stage 2 over which the LR ramps up linearly from ~0 (protects the encoder)
     ema_decay = 0.999
 
     @classmethod
@@ -87,7 +89,7 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
                      terms=(Use("sup", rows="labeled"),
                             Use("mt", SigmoidRampup(cls.lambda_reg, cls.mt_rampup_fraction), rows="unlabeled"),
                             Use("sp", cls.lambda_sp, rows="unlabeled")),
-                     resync_teacher=True, flip_student=True)
+                     resync_teacher=True, flip_student=True, warmup=cls.semi_warmup)
 
     @classmethod
     def declare_stages(cls) -> list:
@@ -131,6 +133,16 @@ class nnUNetTrainerSPConSemiOnly(nnUNetTrainerSPCon):
 class nnUNetTrainerSPConHard(nnUNetTrainerSPCon):
     """Hard self-paced weights 1[l <= gamma] (Eq. 7) instead of linear ones."""
     weighting = "hard"
+
+
+class nnUNetTrainerSPConWarmup(nnUNetTrainerSPCon):
+    """Stage 2's LR ramps up over its first 10 %, so the pre-trained encoder is not thrown off at the switch."""
+    semi_warmup = 0.1
+
+
+class nnUNetTrainerSPConPaperBatch(nnUNetTrainerSPCon):
+    """Stage-1 batches of the paper: 10 volumes x 3 partitions (x 2 views), whatever the plans' batch size."""
+    pretrain_volumes = 10
 
 
 class nnUNetTrainerSPConPosition(nnUNetTrainerSPCon):

@@ -241,3 +241,42 @@ def test_loader_build_splits_once_per_stage(in_process, monkeypatch):
         for dl in loaders:
             if hasattr(dl, "_finish"):
                 dl._finish()
+
+
+def test_warmup_and_paper_batch_variants_change_only_what_they_say(in_process):
+    """nnUNetTrainerSPConWarmup: stage 2 starts at ~0 LR and reaches the poly LR after 10 % of the stage (SPCon:
+    the full LR at the switch). nnUNetTrainerSPConPaperBatch: stage-1 batches of 10 volumes x 3 partitions (at most
+    the volumes there are), two views each, whatever the plans' batch size; stage 2 as SPCon's."""
+    spcon, warm = _trainer(in_process), _trainer(in_process, "nnUNetTrainerSPConWarmup")
+    for t in (spcon, warm):
+        t.initialize()
+    switch, stage2 = spcon.pretrain_epochs, spcon.num_epochs - spcon.pretrain_epochs
+    lr0 = spcon.initial_lr
+
+    def lr_at(t, epoch):
+        t.lr_scheduler.set(epoch)
+        return t.optimizer.param_groups[0]["lr"]
+
+    assert lr_at(spcon, switch) == pytest.approx(lr0)
+    assert lr_at(warm, switch) <= 1e-3 * lr0 + 1e-12
+    half = switch + 0.05 * stage2  # halfway through the warm-up (10 % of stage 2)
+    assert lr_at(warm, half) == pytest.approx(0.5 * lr0 * (1 - 0.05) ** 0.9)
+    after = switch + 0.5 * stage2
+    assert lr_at(warm, after) == pytest.approx(lr_at(spcon, after)) == pytest.approx(lr0 * 0.5 ** 0.9)
+    assert lr_at(warm, 0) == pytest.approx(lr0)  # stage 1 untouched
+
+    paper = _trainer(in_process, "nnUNetTrainerSPConPaperBatch")
+    paper.initialize()
+    assert paper.batch_size == 8
+    paper.current_epoch = 0
+    loaders = paper.get_dataloaders()
+    batch = next(loaders[0])
+    n_volumes = len(set(batch["keys"]))
+    images = len(paper.do_split()[0]) + len(in_process.get("unlabeled", []))
+    assert n_volumes == min(10, images) and batch["data"].shape[0] == 3 * n_volumes
+    assert batch["data_view2"].shape == batch["data"].shape
+    default = _trainer(in_process)
+    assert paper.semi_stage() == default.semi_stage()
+    for dl in loaders:
+        if hasattr(dl, "_finish"):
+            dl._finish()
