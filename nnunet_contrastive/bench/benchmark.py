@@ -167,6 +167,7 @@ class Prepared:
     title: str = "MSD hippocampus"
     unit: str = "volumes"
     train_order: list = field(default_factory=list)  # patients in the published split's order (ACDC)
+    ceiling: dict | None = None  # resolution ceiling of the plans' 2d spacing on the test labels (when not nnU-Net's)
 
 
 # ------------------------------------------------------------------------------------------------ input checks
@@ -371,13 +372,44 @@ def prepare_data(cfg: Config, env: dict, log=print) -> Prepared:
     ensure_preprocessed(cfg, pre, plans, len(setup["pool"]), env, log)
     with open(os.path.join(pre, f"{plans}.json"), encoding="utf-8") as f:
         batch_size = int(json.load(f)["configurations"]["2d"]["batch_size"])
+    ceiling = resolution_ceiling_of(cfg, raw, pre, plans, log)
     with open(os.path.join(raw, "dataset.json"), encoding="utf-8") as f:
         labels = json.load(f)["labels"]
     classes = [k for k, v in labels.items() if v != 0 and k != "ignore"]
     return Prepared(raw=raw, pre=pre, dataset=dataset, plans=plans, labels=labels, classes=classes, batch_size=batch_size,
                     train=list(setup["train"]), val=list(setup["val"]), test=list(setup["test"]),
                     groups=dict(setup.get("groups", {})), train_order=list(setup.get("train_order", [])),
-                    title=cfg.spec.title, unit=cfg.spec.unit)
+                    title=cfg.spec.title, unit=cfg.spec.unit, ceiling=ceiling)
+
+
+def resolution_ceiling_of(cfg: Config, raw: str, pre: str, plans: str, log=print) -> dict | None:
+    """The Dice a perfect network at the plans' 2d spacing would score on the test labels
+    (nnunet_contrastive.bench.resolution), when that spacing differs from nnU-Net's own plans; cached in the
+    workdir."""
+    from nnunet_contrastive.bench.resolution import resolution_ceiling
+
+    with open(os.path.join(pre, f"{plans}.json"), encoding="utf-8") as f:
+        tier = json.load(f)
+    with open(os.path.join(pre, "nnUNetPlans.json"), encoding="utf-8") as f:
+        own = json.load(f)
+    spacing = tier["configurations"]["2d"]["spacing"]
+    if spacing == own["configurations"]["2d"]["spacing"]:
+        return None
+    path = os.path.join(cfg.workdir, f"resolution_ceiling_{plans}.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    labels = os.path.join(raw, "labelsTs")
+    with open(os.path.join(raw, "dataset.json"), encoding="utf-8") as f:
+        ending = json.load(f)["file_ending"]
+    files = sorted(os.path.join(labels, f) for f in os.listdir(labels) if f.endswith(ending))
+    out = resolution_ceiling(files, spacing, tuple(tier.get("transpose_forward", (0, 1, 2))))
+    out["plans"], out["own_spacing"] = plans, own["configurations"]["2d"]["spacing"]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=1)
+    log(f"  resolution ceiling of {plans} ({spacing} mm in-plane) on the test labels: mean Dice "
+        f"{out['mean']['mean']:.3f}")
+    return out
 
 
 def ensure_preprocessed(cfg: Config, pre: str, plans: str, n_cases: int, env: dict, log=print) -> None:
@@ -617,6 +649,13 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
         md += [f"- machine load: the 1-min load average at the start / end of the runs ranged {min(loads):.1f} – "
                f"{max(loads):.1f} on {machine.get('cpu_count')} cores (above {machine.get('cpu_count')}: other jobs "
                f"shared the CPU and wall times are longer than on an idle machine)"]
+    if prep.ceiling:
+        names = {str(v): k for k, v in prep.labels.items()}
+        md += [f"- resolution ceiling of the plans: their 2d spacing {prep.ceiling['inplane_spacing']} mm (nnU-Net's "
+               f"own: {[round(v, 3) for v in prep.ceiling['own_spacing']]} mm) caps the test Dice a perfect network "
+               f"could score at " + ", ".join(f"{names.get(str(k), k)} {v:.3f}" for k, v in
+                                              prep.ceiling["mean"].items())
+               + " (ground truth resampled there and back as nnU-Net does; nnunet_contrastive.bench.resolution)"]
     md += [""]
     if rows:
         md += [f"## Label efficiency (held-out Dice; {budget_text})", "",
@@ -675,7 +714,7 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
            "budget": {**dataclasses.asdict(cfg.budget), "total_iterations": cfg.budget.total_iterations,
                       "description": budget_text},
            "data": {"train": prep.train, "val": prep.val, "test": prep.test, "plans": prep.plans,
-                    "classes": prep.classes},
+                    "classes": prep.classes, "resolution_ceiling": prep.ceiling and prep.ceiling["mean"]},
            "trainers": trainers, "summary": rows, "runs": results, "failures": failures, "cost": cost,
            "plot": png}
     with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as f:

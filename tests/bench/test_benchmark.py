@@ -271,6 +271,9 @@ def test_quick_benchmark_acdc(acdc_dir, tmp_path):
     assert plans["spacing"] == [2.5, 2.5]
     assert sorted(f[:-4] for f in os.listdir(pre / plans["data_identifier"]) if f.endswith(".pkl")) == \
         sorted(setup["pool"])
+    ceiling = res["data"]["resolution_ceiling"]  # 2.5 mm caps the Dice a perfect network could reach
+    assert set(ceiling) == {"1", "2", "3", "mean"} and 0.8 < ceiling["mean"] < 1.0
+    assert "resolution ceiling" in (wd / "report" / "results.md").read_text()
     for r in res["runs"]:
         assert r["num_test"] == 2 and len(r["dice"]) == 4  # three structures + mean
         if r["num_labeled"] == 1:  # seed 0: the first patient of the published train list, both frames
