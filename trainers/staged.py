@@ -412,7 +412,11 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
             raise RuntimeError(f"checkpoint was trained with the stages {state['plan']}, this run has "
                                f"{self._plan_signature()}: set {STAGE_EPOCHS_ENV} / {PRETRAIN_EPOCHS_ENV} / "
                                f"nnUNet_contrastive_epochs to the old values to resume.")
-        self.terms.load_state_dict(state["terms"])
+        missing, unexpected = self.terms.load_state_dict(state["terms"], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]  # checkpoints older than a term's extra
+        if missing or unexpected:  # state (e.g. ARCO's sampler RNG) resume with a fresh one
+            raise RuntimeError(f"{type(self).__name__}: the checkpoint's loss-term state does not fit this trainer "
+                               f"(missing {missing[:5]}, unexpected {unexpected[:5]}).")
         if self.teacher is not None and state.get("teacher") is not None:
             self.teacher.load_state_dict(state["teacher"])
         for k, t in self.head_teachers.items():

@@ -78,6 +78,32 @@ class ARCOContrastTerm(LossTerm):
             with torch.no_grad():
                 self.predictor.weight.copy_(torch.eye(head.out_dim))
         self.memory = ClassKeyMemory(self.num_classes, head.out_dim, memory_size)
+        self._generator: Optional[torch.Generator] = None
+        self._generator_state: Optional[dict] = None  # loaded from a checkpoint, applied at the next draw
+
+    # ------------------------------------------------------------------ the sampler's own RNG, checkpointed
+    def sampler_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of the pixel sampler during training, on ``device``. Seeded once from torch's global RNG
+        (so a seeded run is repeatable), then independent of it; its state is part of the term's state_dict
+        (``get_extra_state``), so ``--c`` continues the very same draws."""
+        device = torch.device(device)
+        if self._generator is None or self._generator.device.type != device.type:
+            g = torch.Generator(device=device)
+            pending, self._generator_state = self._generator_state, None
+            if pending is not None and pending["device"] == device.type:
+                g.set_state(pending["state"].cpu())
+            else:  # fresh start, or a checkpoint of another device type (a CPU state cannot seed a CUDA generator)
+                g.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+            self._generator = g
+        return self._generator
+
+    def get_extra_state(self):
+        if self._generator is not None:
+            return {"device": self._generator.device.type, "state": self._generator.get_state()}
+        return self._generator_state
+
+    def set_extra_state(self, state) -> None:
+        self._generator, self._generator_state = None, state
 
     # ------------------------------------------------------------------ the loss on given maps
     def contrast(self, student_decoder: list, teacher_decoder: list, valid: torch.Tensor, teacher_head: nn.Module,
@@ -133,7 +159,7 @@ class ARCOContrastTerm(LossTerm):
             pct = entropy_percent_at(ctx.progress, *self.entropy_percent)
             valid, vstats = arco_valid_mask(labels, labeled, t_prob, s_prob, pct, self.prob_threshold)
         out, stats = self.contrast(s.decoder, t.decoder, valid, ctx.trainer.teacher_head(self.name, "head"),
-                                   update_memory=self.training)
+                                   generator=self.sampler_generator(valid.device), update_memory=self.training)
         named = {f"{self.name}_{k}": (v.detach() if torch.is_tensor(v) else v) for k, v in {**stats, **vstats}.items()}
         named[f"{self.name}_entropy_percent"] = pct
         return out.loss, named

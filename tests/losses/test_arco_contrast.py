@@ -235,6 +235,57 @@ def test_term_only_anchor_valid_pixels_are_sampled(monkeypatch):
         assert valid[:, c].reshape(-1)[idx].all()
 
 
+def test_term_sampler_draws_resume_exactly_from_the_state_dict():
+    """The sampler's generator is the term's own (not torch's global RNG) and lives in its state_dict: a term
+    restored from a checkpoint draws the same anchors as the uninterrupted one, whatever the global RNG did since."""
+    import copy
+
+    from nnunet_contrastive.framework.context import StepContext
+
+    net = _tiny_unet()
+    head = MultiScaleDenseHead.for_network(net, hidden=8, out_dim=6)
+    draws = {}
+
+    class Spy(SGSampler):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def sample(self, valid, n, generator=None, pool_batch=False):
+            s = super().sample(valid, n, generator, pool_batch)
+            draws.setdefault(self.name, []).append(s.index.clone())
+            return s
+
+    def make(name):
+        t = ARCOContrastTerm(copy.deepcopy(head), 3, Spy(name), n_anchors=16, n_keys=8, memory_size=0,
+                             entropy_percent=(60.0, 60.0))
+        t.name = "arco"
+        return t
+
+    def step(term):
+        ctx = StepContext(_batch(), torch.device("cpu"), net, EMATeacher(net).module, None, 0.0, None,
+                          _FakeTrainer({"head": EMATeacher(term.head)}))
+        with torch.no_grad():
+            term(ctx, "all")
+
+    torch.manual_seed(1)
+    a = make("a")
+    step(a)
+    saved = copy.deepcopy(a.state_dict())
+    assert "_extra_state" in saved
+    step(a)  # the uninterrupted run's second step
+    b = make("b")  # "--c": a new process, another global RNG state
+    torch.manual_seed(999)
+    b.load_state_dict(saved)
+    step(b)
+    assert torch.equal(draws["a"][-1], draws["b"][-1]) and torch.equal(draws["a"][-2], draws["b"][-2])
+    assert not torch.equal(draws["a"][0], draws["a"][2])  # successive steps draw different pixels
+    torch.manual_seed(1)  # seeded runs repeat their draws
+    c = make("c")
+    step(c)
+    assert torch.equal(draws["c"][0], draws["a"][0])
+
+
 def test_pseudo_label_term_weights_rows_by_confident_fraction():
     from nnunet_contrastive.framework.context import StepContext
 
