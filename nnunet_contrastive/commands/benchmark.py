@@ -27,7 +27,8 @@ def register(sub) -> None:
                f"{QUICK['pretrain_epochs']}; hippocampus: N {' '.join(HIPPOCAMPUS.full['num_labeled'])} / "
                f"{' '.join(HIPPOCAMPUS.quick['num_labeled'])}, test cases {HIPPOCAMPUS.full['test_cases']} / "
                f"{HIPPOCAMPUS.quick['test_cases']}, training pool all remaining / {HIPPOCAMPUS.quick['pool_size']}; "
-               f"ACDC: N {' '.join(ACDC.full['num_labeled'])} patients / {' '.join(ACDC.quick['num_labeled'])}, the "
+               f"ACDC: epochs {ACDC.full['epochs']}, N {' '.join(ACDC.full['num_labeled'])} patients / "
+               f"{' '.join(ACDC.quick['num_labeled'])}, the "
                f"ssl4mis split (70 / 10 / 20 patients) / {ACDC.quick['pool_size']} train, 1 val, 1 test patient.")
     p.add_argument("--dataset", default="hippocampus", choices=("hippocampus", "acdc"),
                    help="hippocampus (MSD Task04) or acdc (ACDC training patients, ssl4mis split); default "
