@@ -134,8 +134,8 @@ HIPPOCAMPUS = BenchDataset(
     quick=dict(dataset_id=942, test_cases=2, val_cases=1, pool_size=12, num_labeled=["1", "all"]))
 ACDC = BenchDataset(
     key="acdc", name="ACDC", folder="ACDC", title="ACDC", unit="patients",
-    # 30 x 100 iterations: FewLabels' validation Dice at N = 1 is flat from about 1200 iterations on (acdc_cpu
-    # plans; docs/results/acdc_cpu)
+    # 30 x 100 iterations: FewLabels' validation Dice is flat from about 1200 (N = 1) and 1500 (N = all)
+    # iterations on (acdc_cpu plans; docs/results/acdc_cpu)
     full=dict(dataset_id=943, test_cases=None, val_cases=None, pool_size=None, num_labeled=["1", "3", "7", "all"],
               epochs=30),
     quick=dict(dataset_id=944, test_cases=1, val_cases=1, pool_size=3, num_labeled=["1", "all"]),
