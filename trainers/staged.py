@@ -44,6 +44,17 @@ MetaLabelError = ML.MetaLabelError
 DEFAULT_NUM_EPOCHS = 1000
 
 
+def load_terms_state(terms: nn.Module, state: dict, who: str) -> None:
+    """Load the loss terms' state_dict. A checkpoint older than a term's extra state (``get_extra_state``, e.g.
+    ARCO's sampler generator) still loads, and that term starts a fresh one; any other missing or unexpected key
+    is an error naming them."""
+    missing, unexpected = terms.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"{who}: the checkpoint's loss-term state does not fit this trainer (missing "
+                           f"{missing[:5]}, unexpected {unexpected[:5]}).")
+
+
 class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
     """Base of the staged trainers; not meant to be selected with -tr."""
 
@@ -412,11 +423,7 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
             raise RuntimeError(f"checkpoint was trained with the stages {state['plan']}, this run has "
                                f"{self._plan_signature()}: set {STAGE_EPOCHS_ENV} / {PRETRAIN_EPOCHS_ENV} / "
                                f"nnUNet_contrastive_epochs to the old values to resume.")
-        missing, unexpected = self.terms.load_state_dict(state["terms"], strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]  # checkpoints older than a term's extra
-        if missing or unexpected:  # state (e.g. ARCO's sampler RNG) resume with a fresh one
-            raise RuntimeError(f"{type(self).__name__}: the checkpoint's loss-term state does not fit this trainer "
-                               f"(missing {missing[:5]}, unexpected {unexpected[:5]}).")
+        load_terms_state(self.terms, state["terms"], type(self).__name__)
         if self.teacher is not None and state.get("teacher") is not None:
             self.teacher.load_state_dict(state["teacher"])
         for k, t in self.head_teachers.items():

@@ -315,3 +315,29 @@ def test_pseudo_label_term_weights_rows_by_confident_fraction():
     empty = StepContext({**_batch(), "labeled": torch.ones(4, dtype=torch.bool)}, torch.device("cpu"), net,
                         teacher.module, None, 0.0, None, None)
     assert ARCOPseudoLabelTerm()(empty, "unlabeled") is None
+
+
+def test_checkpoints_without_the_sampler_state_still_load_other_gaps_fail():
+    """A loss-term state written before ARCO's sampler generator existed (no `_extra_state`) loads, with a fresh
+    generator; a missing weight or an unknown key is still an error naming it."""
+    from nnunet_contrastive.trainers.staged import load_terms_state
+
+    def terms():
+        head = MultiScaleDenseHead.for_network(_tiny_unet(), hidden=8, out_dim=6)
+        return torch.nn.ModuleDict({"arco": ARCOContrastTerm(head, 3, SGSampler(), n_anchors=4, n_keys=4)})
+
+    a = terms()
+    a["arco"].sampler_generator(torch.device("cpu"))
+    full = a.state_dict()
+    old = {k: v for k, v in full.items() if not k.endswith("_extra_state")}
+    b = terms()
+    load_terms_state(b, old, "T")
+    assert torch.equal(b["arco"].predictor.weight, a["arco"].predictor.weight)
+    load_terms_state(b, full, "T")  # with the state: the same generator state as a's
+    assert torch.equal(b["arco"].sampler_generator(torch.device("cpu")).get_state(),
+                       a["arco"].sampler_generator(torch.device("cpu")).get_state())
+    weight = next(k for k in old if k.endswith("predictor.weight"))
+    with pytest.raises(RuntimeError, match="predictor.weight"):
+        load_terms_state(terms(), {k: v for k, v in old.items() if k != weight}, "T")
+    with pytest.raises(RuntimeError, match="unexpected.*bogus"):
+        load_terms_state(terms(), {**old, "arco.bogus": torch.zeros(1)}, "T")
