@@ -17,7 +17,7 @@ Data (`prepare_data`; the datasets and their split and labeled-subset rules: nnu
 
 Budget
     Every trainer gets the same plans (nnU-Net's 2d plans + the dataset's CPU-tier override: hippocampus `cpu_small`,
-    batch 8; ACDC `acdc_cpu`, 2.5 mm in-plane, patch 160 x 128, batch 8, preprocessed with `nnUNetv2_preprocess
+    batch 8; ACDC `acdc_cpu`, 2.5 mm in-plane, patch 128 x 128, half the features, batch 8, preprocessed with `nnUNetv2_preprocess
     -plans_name`; `--plans-override none`: nnU-Net's own plans, the GPU tier) and the same number of
     training iterations with labels, `epochs x iterations` (env nnUNet_contrastive_epochs / _iterations).
     Pre-training stages (the stages a trainer declares `pretraining`: label-free) are run ONCE per seed, on every
@@ -368,43 +368,47 @@ def prepare_data(cfg: Config, env: dict, log=print) -> Prepared:
                                      output_file=os.path.join(cfg.workdir, "plan_and_preprocess.log"))
         log(f"  done in {time.time() - t0:.0f} s")
     copy_metadata(raw, pre)
+    from nnunet_contrastive.prep.plans_override import resolved_configuration
+
     plans = "nnUNetPlans" if cfg.override == NO_OVERRIDE else derive_plans(pre, cfg.override)
-    ensure_preprocessed(cfg, pre, plans, len(setup["pool"]), env, log)
     with open(os.path.join(pre, f"{plans}.json"), encoding="utf-8") as f:
-        batch_size = int(json.load(f)["configurations"]["2d"]["batch_size"])
-    ceiling = resolution_ceiling_of(cfg, raw, pre, plans, log)
+        tier = json.load(f)
+    conf = resolved_configuration(tier, "2d")
+    ensure_preprocessed(cfg, pre, plans, conf["data_identifier"], len(setup["pool"]), env, log)
     with open(os.path.join(raw, "dataset.json"), encoding="utf-8") as f:
-        labels = json.load(f)["labels"]
+        dj = json.load(f)
+    labels = dj["labels"]
+    ceiling = resolution_ceiling_of(cfg, raw, pre, plans, conf["spacing"], tuple(tier.get("transpose_forward",
+                                                                                          (0, 1, 2))),
+                                    dj["file_ending"], log)
     classes = [k for k, v in labels.items() if v != 0 and k != "ignore"]
-    return Prepared(raw=raw, pre=pre, dataset=dataset, plans=plans, labels=labels, classes=classes, batch_size=batch_size,
+    return Prepared(raw=raw, pre=pre, dataset=dataset, plans=plans, labels=labels, classes=classes,
+                    batch_size=int(conf["batch_size"]),
                     train=list(setup["train"]), val=list(setup["val"]), test=list(setup["test"]),
                     groups=dict(setup.get("groups", {})), train_order=list(setup.get("train_order", [])),
                     title=cfg.spec.title, unit=cfg.spec.unit, ceiling=ceiling)
 
 
-def resolution_ceiling_of(cfg: Config, raw: str, pre: str, plans: str, log=print) -> dict | None:
-    """The Dice a perfect network at the plans' 2d spacing would score on the test labels
+def resolution_ceiling_of(cfg: Config, raw: str, pre: str, plans: str, spacing: list, transpose: tuple,
+                          file_ending: str, log=print) -> dict | None:
+    """The Dice a perfect network at the plans' 2d `spacing` would score on the test labels
     (nnunet_contrastive.bench.resolution), when that spacing differs from nnU-Net's own plans; cached in the
     workdir."""
     from nnunet_contrastive.bench.resolution import resolution_ceiling
+    from nnunet_contrastive.prep.plans_override import resolved_configuration
 
-    with open(os.path.join(pre, f"{plans}.json"), encoding="utf-8") as f:
-        tier = json.load(f)
     with open(os.path.join(pre, "nnUNetPlans.json"), encoding="utf-8") as f:
-        own = json.load(f)
-    spacing = tier["configurations"]["2d"]["spacing"]
-    if spacing == own["configurations"]["2d"]["spacing"]:
+        own_spacing = resolved_configuration(json.load(f), "2d")["spacing"]
+    if spacing == own_spacing:
         return None
     path = os.path.join(cfg.workdir, f"resolution_ceiling_{plans}.json")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     labels = os.path.join(raw, "labelsTs")
-    with open(os.path.join(raw, "dataset.json"), encoding="utf-8") as f:
-        ending = json.load(f)["file_ending"]
-    files = sorted(os.path.join(labels, f) for f in os.listdir(labels) if f.endswith(ending))
-    out = resolution_ceiling(files, spacing, tuple(tier.get("transpose_forward", (0, 1, 2))))
-    out["plans"], out["own_spacing"] = plans, own["configurations"]["2d"]["spacing"]
+    files = sorted(os.path.join(labels, f) for f in os.listdir(labels) if f.endswith(file_ending))
+    out = resolution_ceiling(files, spacing, transpose)
+    out["plans"], out["own_spacing"] = plans, own_spacing
     with open(path, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
     log(f"  resolution ceiling of {plans} ({spacing} mm in-plane) on the test labels: mean Dice "
@@ -412,14 +416,11 @@ def resolution_ceiling_of(cfg: Config, raw: str, pre: str, plans: str, log=print
     return out
 
 
-def ensure_preprocessed(cfg: Config, pre: str, plans: str, n_cases: int, env: dict, log=print) -> None:
-    """Run nnUNetv2_preprocess for plans whose 2d configuration has its own data_identifier (an override that changes
-    the spacing, e.g. acdc_cpu) unless its folder already holds every training-pool case."""
+def ensure_preprocessed(cfg: Config, pre: str, plans: str, ident: str, n_cases: int, env: dict, log=print) -> None:
+    """Run nnUNetv2_preprocess for plans whose 2d configuration has its own data_identifier `ident` (an override that
+    changes the spacing, e.g. acdc_cpu) unless its folder already holds every training-pool case."""
     from nnunet_contrastive.prep import pipeline
-    from nnunet_contrastive.prep.plans_override import resolved_configuration
 
-    with open(os.path.join(pre, f"{plans}.json"), encoding="utf-8") as f:
-        ident = resolved_configuration(json.load(f), "2d")["data_identifier"]
     folder = os.path.join(pre, ident)
     if os.path.isdir(folder) and sum(f.endswith(".pkl") for f in os.listdir(folder)) == n_cases:
         return

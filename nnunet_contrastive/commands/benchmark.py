@@ -72,7 +72,7 @@ def register(sub) -> None:
     p.add_argument("--plans-override", default=None,
                    help="plans override of every run: a built-in (cpu_small, acdc_cpu) or a JSON file, or 'none' for "
                         "nnU-Net's own plans and batch size (the GPU tier). Default: the dataset's CPU tier "
-                        "(hippocampus cpu_small: batch 8; ACDC acdc_cpu: 2.5 mm in-plane, patch 160 x 128, batch 8)")
+                        "(hippocampus cpu_small: batch 8; ACDC acdc_cpu: 2.5 mm in-plane, patch 128 x 128, half the features, batch 8)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="training/inference device (default cpu)")
     p.add_argument("--quick", action="store_true",
                    help="exercise the whole path in CI time (12 training volumes, a few iterations, N 1 and all); "
@@ -129,8 +129,10 @@ def plans_override(value: str | None) -> str | None:
     from nnunet_contrastive.bench.benchmark import NO_OVERRIDE
     from nnunet_contrastive.prep.plans_override import load_override
 
-    if value is None or value.lower() == NO_OVERRIDE:
-        return None if value is None else NO_OVERRIDE
+    if value is None:
+        return None
+    if value.lower() == NO_OVERRIDE:
+        return NO_OVERRIDE
     load_override(value)  # unknown name, missing file or bad JSON: a clear error now
     return os.path.abspath(value) if os.path.isfile(value) else value
 
