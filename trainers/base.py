@@ -6,7 +6,8 @@
   `labeled` list is fully labeled.
 - Short runs: the environment variables `nnUNet_contrastive_epochs`, `nnUNet_contrastive_iterations` and
   `nnUNet_contrastive_val_iterations` override nnU-Net's 1000 epochs x 250 iterations (50 validation iterations)
-  for demos, tests and CPU benchmarks; the log says when they are active.
+  for demos, tests and CPU benchmarks; the log says when they are active. `nnUNet_contrastive_save_every` sets
+  how many epochs apart `checkpoint_latest.pth` is written (nnU-Net: 50), so a short run can be resumed with `--c`.
 - Seeding: `nnUNet_contrastive_seed` seeds Python's, NumPy's and torch's generators before the network is built,
   so weights, case/slice sampling and augmentation are reproducible in one process (with `nnUNet_n_proc_DA=0`:
   nnU-Net's multi-process augmenter seeds its workers itself). Paired runs then differ only in the method.
@@ -32,6 +33,7 @@ SCHEDULE_ENV = {
     "num_epochs": "nnUNet_contrastive_epochs",
     "num_iterations_per_epoch": "nnUNet_contrastive_iterations",
     "num_val_iterations_per_epoch": "nnUNet_contrastive_val_iterations",
+    "save_every": "nnUNet_contrastive_save_every",
 }
 
 

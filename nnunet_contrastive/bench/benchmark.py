@@ -30,7 +30,8 @@ Runs
     One run = (trainer, N, seed): write the split, `nnUNetv2_train DATASET 2d 0 -tr T -p <the tier's plans>`
     with its own nnUNet_results folder, `nnUNetv2_predict` on imagesTs, `nnUNetv2_evaluate_folder` against labelsTs.
     Its result is `<workdir>/runs/<budget>[_<plans>]/<trainer>/N<n>_seed<s>/result.json` (`Config.tag`); a run with that file is skipped, an
-    interrupted one starts again (from its `checkpoint_final.pth` when training had finished). The seed draws the
+    interrupted one continues: training with `nnUNetv2_train --c` from its `checkpoint_latest.pth` (written every
+    epoch; result.json records `resumed_at_epoch`), or prediction from `checkpoint_final.pth`. The seed draws the
     labeled subset and seeds nnU-Net's training. FewLabels' validation pseudo-Dice per epoch (nnU-Net's online
     validation) is kept as the learning curve: the report plots it at the smallest and the largest N.
 
@@ -448,7 +449,8 @@ def write_split(prep: Prepared, num_labeled, seed: int, spec=None) -> list[str]:
 def run_env(base: dict, trainer: str, budget: Budget, results: str, seed: int | None = None) -> dict:
     env = dict(base, nnUNet_results=results, nnUNet_contrastive_epochs=str(budget.epochs),
                nnUNet_contrastive_iterations=str(budget.iterations),
-               nnUNet_contrastive_val_iterations=str(budget.val_iterations))
+               nnUNet_contrastive_val_iterations=str(budget.val_iterations),
+               nnUNet_contrastive_save_every="1")  # checkpoint_latest.pth every epoch: an interrupted run resumes
     for var in ("nnUNet_contrastive_pretrain_epochs", "nnUNet_contrastive_stage_epochs", "nnUNet_contrastive_seed"):
         env.pop(var, None)
     if seed is not None:
@@ -487,14 +489,13 @@ def ensure_pretraining(cfg: Config, prep: Prepared, base_env: dict, trainer: str
     os.makedirs(folder, exist_ok=True)
     write_split(prep, ALL, seed, cfg.spec)  # labels are never read by a pre-training stage; every image is used
     results = os.path.join(folder, "nnUNet_results")
-    shutil.rmtree(results, ignore_errors=True)
     env = pretraining_env(base_env, trainer, cfg.budget, results, seed)
-    log(f"  {trainer} seed={seed}: label-free pre-training, once for every N "
-        f"({env['nnUNet_contrastive_stage_epochs']} epochs per stage x {cfg.budget.iterations} iterations)")
+    fold_dir = os.path.join(results, prep.dataset, f"{trainer}__{prep.plans}__2d", "fold_0")
     t0 = time.time()
-    pipeline.train(cfg.dataset_id, trainer, prep.plans, 0, env, device=cfg.device, log=lambda *a: None,
-                   output_file=os.path.join(folder, "log.txt"))
-    ckpt = os.path.join(results, prep.dataset, f"{trainer}__{prep.plans}__2d", "fold_0", "checkpoint_final.pth")
+    train_or_resume(cfg, prep, env, trainer, fold_dir, results, [], os.path.join(folder, "log.txt"), log,
+                    f"  {trainer} seed={seed}: label-free pre-training, once for every N "
+                    f"({env['nnUNet_contrastive_stage_epochs']} epochs per stage x {cfg.budget.iterations} iterations)")
+    ckpt = os.path.join(fold_dir, "checkpoint_final.pth")
     n_epochs = sum(int(v) for v in env["nnUNet_contrastive_stage_epochs"].split(","))
     info = {"checkpoint": ckpt, "wall_s": time.time() - t0, "iterations": n_epochs * cfg.budget.iterations,
             "stage_epochs": env["nnUNet_contrastive_stage_epochs"]}
@@ -514,6 +515,31 @@ def validation_curve(checkpoint: str) -> list:
 
 def run_dir(cfg: Config, trainer: str, n, seed: int) -> str:
     return os.path.join(cfg.workdir, "runs", cfg.tag, trainer, f"N{n}_seed{seed}")
+
+
+def train_or_resume(cfg: Config, prep: Prepared, env: dict, trainer: str, fold_dir: str, results: str,
+                    extra: list[str], logf: str, log, message: str) -> int | None:
+    """Train one run to checkpoint_final.pth. An interrupted run (checkpoint_latest.pth, written every epoch, see
+    `run_env`) continues with `nnUNetv2_train --c` from the epoch it reached, which is returned; otherwise the
+    run starts from scratch (returns None; nothing to do when checkpoint_final.pth exists)."""
+    from nnunet_contrastive.data.checkpoints import read_checkpoint
+    from nnunet_contrastive.prep import pipeline
+
+    if os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
+        return None
+    latest = os.path.join(fold_dir, "checkpoint_latest.pth")
+    if os.path.isfile(latest):
+        epoch = int(read_checkpoint(latest).get("current_epoch", 0))  # names a damaged file
+        log(f"{message}: resumed at epoch {epoch} (--c)")
+        # the pre-trained weights are in the checkpoint; nnU-Net refuses --c together with -pretrained_weights
+        pipeline.train(cfg.dataset_id, trainer, prep.plans, 0, env, device=cfg.device, log=lambda *a: None,
+                       output_file=logf, extra=["--c"])
+        return epoch
+    shutil.rmtree(results, ignore_errors=True)  # killed before its first epoch ended: nothing to keep
+    log(message)
+    pipeline.train(cfg.dataset_id, trainer, prep.plans, 0, env, device=cfg.device, log=lambda *a: None,
+                   output_file=logf, extra=extra)
+    return None
 
 
 def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: int, log=print) -> dict:
@@ -541,12 +567,9 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
     times = {}
     load = {"start": _loadavg()}
     t0 = time.time()
-    if not os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
-        shutil.rmtree(results, ignore_errors=True)  # an interrupted run starts again
-        log(f"  {trainer} N={n} seed={seed}: nnUNetv2_train ({len(labeled)} labeled / {len(prep.train)} train "
-            f"cases; log {logf})")
-        pipeline.train(cfg.dataset_id, trainer, prep.plans, 0, env, device=cfg.device, log=lambda *a: None,
-                       output_file=logf, extra=extra)
+    resumed = train_or_resume(cfg, prep, env, trainer, fold_dir, results, extra, logf, log,
+                              f"  {trainer} N={n} seed={seed}: nnUNetv2_train ({len(labeled)} labeled / "
+                              f"{len(prep.train)} train cases; log {logf})")
     times["train_s"] = time.time() - t0
     pred = os.path.join(folder, "predictions")
     shutil.rmtree(pred, ignore_errors=True)
@@ -565,7 +588,7 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
     res = {"trainer": trainer, "num_labeled": n, "seed": seed, "labeled": labeled, "num_train": len(prep.train),
            "num_val": len(prep.val), "num_test": len(prep.test), "budget": dataclasses.asdict(cfg.budget),
            "plans": prep.plans, "checkpoint": "checkpoint_final.pth", "dice": dice, "wall_s": times,
-           "loadavg_1_5_15min": load, "pretraining": pretraining,
+           "loadavg_1_5_15min": load, "pretraining": pretraining, "resumed_at_epoch": resumed,
            "val_curve": validation_curve(os.path.join(fold_dir, "checkpoint_final.pth")),
            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     tmp = result_path + ".tmp"
@@ -650,6 +673,12 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
         md += [f"- machine load: the 1-min load average at the start / end of the runs ranged {min(loads):.1f} – "
                f"{max(loads):.1f} on {machine.get('cpu_count')} cores (above {machine.get('cpu_count')}: other jobs "
                f"shared the CPU and wall times are longer than on an idle machine)"]
+    resumed = [f"{r['trainer']} N={r['num_labeled']} seed={r['seed']} (epoch {r['resumed_at_epoch']})"
+               for r in results if r.get("resumed_at_epoch") is not None]
+    if resumed:
+        md += ["- resumed mid-training with `--c` after an interruption (the data-augmentation stream after the "
+               "resume differs from an uninterrupted run's; its train time counts the last part only): "
+               + ", ".join(resumed)]
     if prep.ceiling:
         names = {str(v): k for k, v in prep.labels.items()}
         md += [f"- resolution ceiling of the plans: their 2d spacing {prep.ceiling['inplane_spacing']} mm (nnU-Net's "

@@ -307,3 +307,43 @@ def test_plans_override_picks_the_run_folders_and_is_checked(tmp_path):
     wd = str(tmp_path / "wd")
     assert main(["benchmark", "--workdir", wd, "--plans-override", "no_such_override"]) == 1
     assert not os.path.exists(wd)
+
+
+def test_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
+    """An interrupted run continues with `--c` (without -pretrained_weights, which nnU-Net refuses with --c) from
+    checkpoint_latest.pth and keeps its folder; a run killed before its first epoch ended starts again from an
+    empty folder; a finished one trains nothing. Benchmark runs write checkpoint_latest.pth every epoch."""
+    import torch
+
+    from nnunet_contrastive.bench.benchmark import Prepared, run_env, train_or_resume
+    from nnunet_contrastive.prep import pipeline
+    from nnunet_contrastive.trainers.base import schedule_from_env
+
+    calls = []
+    monkeypatch.setattr(pipeline, "train", lambda *a, extra=(), **k: calls.append(list(extra)))
+    cfg = Budget(epochs=3, iterations=2, val_iterations=1, pretrain_epochs=1)
+    conf = type("C", (), {"dataset_id": 1, "device": "cpu"})()
+    prep = Prepared(raw="", pre="", dataset="D", plans="P", labels={}, classes=[], train=[], val=[], test=[])
+    results = tmp_path / "nnUNet_results"
+    fold = results / "D" / "fold_0"
+    fold.mkdir(parents=True)
+    marker = results / "keep.txt"
+    marker.write_text("x")
+    logs = []
+
+    def go():
+        return train_or_resume(conf, prep, {}, "T", str(fold), str(results), ["-pretrained_weights", "w.pth"],
+                               str(tmp_path / "log.txt"), logs.append, "T N=1")
+
+    assert go() is None and calls == [["-pretrained_weights", "w.pth"]]  # fresh start
+    assert not results.exists()  # the empty leftovers of a run killed before its first epoch are removed
+    fold.mkdir(parents=True)
+    marker.write_text("x")
+    torch.save({"current_epoch": 7, "network_weights": {}, "optimizer_state": {}}, fold / "checkpoint_latest.pth")
+    assert go() == 7 and calls[-1] == ["--c"] and marker.exists()
+    assert "resumed at epoch 7" in logs[-1]
+    (fold / "checkpoint_final.pth").write_bytes(b"")
+    n_calls = len(calls)
+    assert go() is None and len(calls) == n_calls  # finished: nothing trains
+    env = run_env({}, BASELINE, cfg, str(results), seed=0)
+    assert schedule_from_env(env)["save_every"] == 1
