@@ -499,8 +499,7 @@ def ensure_pretraining(cfg: Config, prep: Prepared, base_env: dict, trainer: str
     n_epochs = sum(int(v) for v in env["nnUNet_contrastive_stage_epochs"].split(","))
     info = {"checkpoint": ckpt, "wall_s": time.time() - t0, "iterations": n_epochs * cfg.budget.iterations,
             "stage_epochs": env["nnUNet_contrastive_stage_epochs"]}
-    with open(info_path, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
+    _write_json(info_path, info)
     log(f"  pre-training done in {info['wall_s']:.0f} s")
     return info
 
@@ -515,6 +514,14 @@ def validation_curve(checkpoint: str) -> list:
 
 def run_dir(cfg: Config, trainer: str, n, seed: int) -> str:
     return os.path.join(cfg.workdir, "runs", cfg.tag, trainer, f"N{n}_seed{seed}")
+
+
+def _write_json(path: str, obj) -> None:
+    """Atomically (temporary file, then rename): an interrupted write never leaves a half result.json."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def train_or_resume(cfg: Config, prep: Prepared, env: dict, trainer: str, fold_dir: str, results: str,
@@ -552,6 +559,11 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
         with open(result_path, encoding="utf-8") as f:
             res = json.load(f)
         log(f"  {trainer} N={n} seed={seed}: done before (mean Dice {res['dice']['mean']:.3f}), skipped")
+        summary = os.path.join(folder, "predictions", "summary.json")
+        if "dice_per_case" not in res and os.path.isfile(summary):  # runs finished before it was recorded
+            with open(summary, encoding="utf-8") as f:
+                res["dice_per_case"] = pipeline.dice_per_case(json.load(f), prep.labels)
+            _write_json(result_path, res)
         return res
     os.makedirs(folder, exist_ok=True)
     labeled = write_split(prep, n, seed, cfg.spec)
@@ -585,16 +597,14 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
     times["evaluate_s"] = time.time() - t2
     load["end"] = _loadavg()
     dice = pipeline.dice_from_summary(summary, prep.labels)
+    per_case = pipeline.dice_per_case(summary, prep.labels)
     res = {"trainer": trainer, "num_labeled": n, "seed": seed, "labeled": labeled, "num_train": len(prep.train),
            "num_val": len(prep.val), "num_test": len(prep.test), "budget": dataclasses.asdict(cfg.budget),
            "plans": prep.plans, "checkpoint": "checkpoint_final.pth", "dice": dice, "wall_s": times,
            "loadavg_1_5_15min": load, "pretraining": pretraining, "resumed_at_epoch": resumed,
            "val_curve": validation_curve(os.path.join(fold_dir, "checkpoint_final.pth")),
-           "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    tmp = result_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, result_path)
+           "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "dice_per_case": per_case}
+    _write_json(result_path, res)
     log(f"  {trainer} N={n} seed={seed}: mean Dice {dice['mean']:.3f} ("
         + ", ".join(f"{c} {dice[c]:.3f}" for c in prep.classes)
         + f"); train {times['train_s']:.0f} s, predict {times['predict_s']:.0f} s, evaluate "
@@ -691,7 +701,10 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
         md += [f"## Label efficiency (held-out Dice; {budget_text})", "",
                R.label_efficiency_markdown(rows, prep.classes, BASELINE, len(prep.train)), "",
                f"gain = mean Dice − {BASELINE}'s at the same N (paired by seed); gap closed = (ours − few) / "
-               f"(full − few) with full = {BASELINE} with all {len(prep.train)} train cases labeled.", ""]
+               f"(full − few) with full = {BASELINE} with all {len(prep.train)} train cases labeled. 95 % CI over "
+               f"seeds: Student's t of the per-seed paired gains (what another seed and labeled subset may give; "
+               f"none with one seed). 95 % CI over test volumes: percentile bootstrap of the per-volume paired "
+               f"gains (each averaged over the seeds; what another test set may give for these same runs).", ""]
     pre = {}
     for r in results:
         if r.get("pretraining"):

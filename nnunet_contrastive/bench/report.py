@@ -10,6 +10,12 @@ values in tests/test_benchmark.py):
 - fraction of the gap closed: (ours − few) / (full − few) with ours and few the seed-mean mean Dice of the trainer
   and of the baseline at the same N, and full the seed-mean mean Dice of the baseline with every training case
   labeled (N = "all"). None when full − few <= 0 (no gap to close), at N = "all" itself, or when a number is missing.
+- 95 % intervals of the gain, two kinds, each saying what varies:
+  - over seeds: Student's t interval of the per-seed paired differences (mean ± t(0.975, k−1) · std / sqrt(k), k
+    seeds; none with one seed). Training randomness and the labeled subset vary; the test set is fixed.
+  - over test volumes: percentile bootstrap (10 000 resamples, fixed generator) of the per-volume paired differences
+    of mean foreground Dice, each volume's difference averaged over the common seeds. The test set varies; the
+    training runs are fixed, so with one seed it says nothing about another seed or subset.
 """
 from __future__ import annotations
 
@@ -49,6 +55,46 @@ def paired_gain(ours_by_seed: dict, base_by_seed: dict) -> tuple[float | None, f
     return mean, std, seeds
 
 
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Student's t interval of the mean of `values` (None with fewer than two)."""
+    from scipy import stats
+
+    values = [float(v) for v in values]
+    if len(values) < 2:
+        return None
+    mean, std = mean_std(values)
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * std / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def bootstrap_interval(values: Sequence[float], level: float = 0.95, reps: int = 10000,
+                       seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean of `values` (None when empty); reproducible (fixed generator)."""
+    import numpy as np
+
+    x = np.asarray([float(v) for v in values], dtype=float)
+    if x.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(reps, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.5 - level / 2, 0.5 + level / 2])
+    return float(lo), float(hi)
+
+
+def paired_case_differences(ours: dict, base: dict) -> list[float]:
+    """Per test volume, ours − base of the volume's mean Dice, averaged over the seeds both have.
+
+    `ours`, `base`: seed -> {case: mean Dice of that volume} (a seed may be missing or have no per-case Dice).
+    Volumes missing from one side of a seed, or with a None (NaN) Dice, are left out of that seed."""
+    per_case = {}
+    for seed in sorted(set(ours) & set(base)):
+        o, b = ours[seed] or {}, base[seed] or {}
+        for case in sorted(set(o) & set(b)):
+            if o[case] is not None and b[case] is not None:
+                per_case.setdefault(case, []).append(o[case] - b[case])
+    return [sum(v) / len(v) for _, v in sorted(per_case.items())]
+
+
 def n_sort_key(n) -> tuple:
     """Numbers ascending, then 'all'."""
     return (1, 0) if n == ALL else (0, int(n))
@@ -58,9 +104,12 @@ def summarize(results: Sequence[dict], trainers: Sequence[str], num_labeled: Seq
               baseline: str) -> list[dict]:
     """One row per (N, trainer) from per-run results ({'trainer', 'num_labeled', 'seed', 'dice': {class: v,
     'mean': v}}). Rows of missing runs have n_seeds 0 and None values."""
-    by = {}
+    by, cases = {}, {}
     for r in results:
         by.setdefault((r["trainer"], r["num_labeled"]), {})[r["seed"]] = r["dice"]
+        if r.get("dice_per_case"):
+            cases.setdefault((r["trainer"], r["num_labeled"]), {})[r["seed"]] = {
+                c: d.get("mean") for c, d in r["dice_per_case"].items()}
 
     def seed_means(trainer, n):
         return {s: d["mean"] for s, d in by.get((trainer, n), {}).items()}
@@ -78,11 +127,15 @@ def summarize(results: Sequence[dict], trainers: Sequence[str], num_labeled: Seq
                 row["dice"][c] = {"mean": m, "std": s}
             ours_by_seed = seed_means(tr, n)
             if tr == baseline:
-                row["gain"] = {"mean": None, "std": None, "seeds": []}
+                row["gain"] = {"mean": None, "std": None, "seeds": [], "ci_seeds": None, "ci_cases": None,
+                               "n_cases": 0}
                 row["gap_closed"] = None
             else:
                 g, gs, seeds = paired_gain(ours_by_seed, few_by_seed)
-                row["gain"] = {"mean": g, "std": gs, "seeds": seeds}
+                diffs = paired_case_differences(cases.get((tr, n), {}), cases.get((baseline, n), {}))
+                row["gain"] = {"mean": g, "std": gs, "seeds": seeds,
+                               "ci_seeds": t_interval([ours_by_seed[s] - few_by_seed[s] for s in seeds]),
+                               "ci_cases": bootstrap_interval(diffs), "n_cases": len(diffs)}
                 row["gap_closed"] = None if n == ALL else gap_closed(row["dice"]["mean"]["mean"], few, full)
             rows.append(row)
     return rows
@@ -96,24 +149,30 @@ def fmt(mean: float | None, std: float | None = None, digits: int = 3, signed: b
     return s if std is None else f"{s} ± {std:.{digits}f}"
 
 
+def fmt_interval(ci, digits: int = 3) -> str:
+    return "—" if ci is None else f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+
+
 def n_label(n, num_train: int) -> str:
     return f"all ({num_train})" if n == ALL else str(n)
 
 
 def label_efficiency_markdown(rows: Sequence[dict], classes: Sequence[str], baseline: str, num_train: int) -> str:
     head = (["N labeled", "trainer", "seeds"] + [f"Dice {c}" for c in classes]
-            + ["mean Dice", f"gain vs {baseline}", "gap closed"])
+            + ["mean Dice", f"gain vs {baseline}", "95 % CI over seeds", "95 % CI over test volumes",
+               "gap closed"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         d = r["dice"]
         if r["trainer"] == baseline:
-            gain, gap = "(reference)", "—"
+            gain, ci_s, ci_c, gap = "(reference)", "—", "—", "—"
         else:
             gain = fmt(r["gain"]["mean"], r["gain"]["std"], signed=True)
+            ci_s, ci_c = fmt_interval(r["gain"].get("ci_seeds")), fmt_interval(r["gain"].get("ci_cases"))
             gap = "—" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"
         cells = ([n_label(r["num_labeled"], num_train), r["trainer"], str(r["n_seeds"])]
                  + [fmt(d[c]["mean"], d[c]["std"]) for c in classes]
-                 + [fmt(d["mean"]["mean"], d["mean"]["std"]), gain, gap])
+                 + [fmt(d["mean"]["mean"], d["mean"]["std"]), gain, ci_s, ci_c, gap])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

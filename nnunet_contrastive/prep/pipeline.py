@@ -7,6 +7,7 @@ scripts installed next to this interpreter; their output streams to the console 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -129,6 +130,28 @@ def evaluate(gt_folder: str, pred_folder: str, dataset_json: str, plans_json: st
                  "-o", out, "-np", "2"], env, log, output_file=output_file)
     with open(out, encoding="utf-8") as f:
         return json.load(f)
+
+
+def dice_per_case(summary: dict, labels: dict[str, int]) -> dict[str, dict]:
+    """{case: {label name: Dice, 'mean': mean over the labels that have one}} from nnU-Net's summary.json.
+
+    The case is the prediction's file name without its ending; a Dice nnU-Net leaves NaN (label absent from both
+    reference and prediction) is None and left out of the case's mean (nnU-Net's per-class means skip it too)."""
+    by_value = {str(v): k for k, v in labels.items() if v != 0 and k != "ignore"}
+    out = {}
+    for entry in summary["metric_per_case"]:
+        name = os.path.basename(entry["prediction_file"])
+        case = name[:-len(".nii.gz")] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
+        row = {}
+        for key, metrics in entry["metrics"].items():
+            label = by_value.get(str(key).strip("()").rstrip(",").strip())
+            if label is not None:
+                v = float(metrics["Dice"])
+                row[label] = None if math.isnan(v) else v
+        present = [v for v in row.values() if v is not None]
+        row["mean"] = sum(present) / len(present) if present else None
+        out[case] = row
+    return out
 
 
 def dice_from_summary(summary: dict, labels: dict[str, int]) -> dict[str, float]:

@@ -97,11 +97,60 @@ def test_markdown_table_cells():
     md = R.label_efficiency_markdown(rows, ["A", "P"], BASELINE, num_train=156)
     lines = md.splitlines()
     assert lines[0] == (f"| N labeled | trainer | seeds | Dice A | Dice P | mean Dice | gain vs {BASELINE} | "
-                        f"gap closed |")
-    assert lines[2] == f"| 1 | {BASELINE} | 3 | 0.500 ± 0.100 | 0.700 ± 0.100 | 0.600 ± 0.100 | (reference) | — |"
-    assert lines[3] == f"| 1 | {SP} | 3 | 0.600 ± 0.100 | 0.700 ± 0.100 | 0.650 ± 0.087 | +0.050 ± 0.050 | 0.25 |"
+                        f"95 % CI over seeds | 95 % CI over test volumes | gap closed |")
+    assert lines[2] == (f"| 1 | {BASELINE} | 3 | 0.500 ± 0.100 | 0.700 ± 0.100 | 0.600 ± 0.100 | (reference) | — | — "
+                        f"| — |")
+    # gains 0.05, 0.10, 0.00: 0.05 ± t(0.975, 2) = 4.3027 (table value) x 0.05 / sqrt(3) = 0.1242; no per-case Dice
+    assert lines[3] == (f"| 1 | {SP} | 3 | 0.600 ± 0.100 | 0.700 ± 0.100 | 0.650 ± 0.087 | +0.050 ± 0.050 | "
+                        f"[-0.074, +0.174] | — | 0.25 |")
     assert lines[5].startswith(f"| all (156) | {SP} | 2 | 0.810 ± 0.014 |")
-    assert lines[5].endswith("| +0.010 ± 0.014 | — |")
+    # gains 0.02, 0.00: 0.01 ± t(0.975, 1) = 12.706 x 0.01414 / sqrt(2) = 0.1271
+    assert lines[5].endswith("| +0.010 ± 0.014 | [-0.117, +0.137] | — | — |")
+
+
+def test_intervals_hand_computed_and_invariants():
+    import numpy as np
+
+    lo, hi = R.t_interval([1.0, 2.0, 3.0])  # mean 2, std 1, t(0.975, 2) = 4.302653 from the t table
+    assert math.isclose(lo, 2 - 4.302653 / math.sqrt(3), abs_tol=1e-5)
+    assert math.isclose(hi, 2 + 4.302653 / math.sqrt(3), abs_tol=1e-5)
+    assert R.t_interval([0.3]) is None and R.bootstrap_interval([]) is None
+    assert R.bootstrap_interval([0.1] * 12) == pytest.approx((0.1, 0.1))
+    x = np.random.default_rng(5).normal(0.05, 0.2, size=400)
+    lo, hi = R.bootstrap_interval(x)
+    half = 1.96 * x.std(ddof=1) / math.sqrt(x.size)  # normal approximation of the mean's interval
+    assert lo < x.mean() < hi
+    assert math.isclose(hi - lo, 2 * half, rel_tol=0.1)
+    assert math.isclose((lo + hi) / 2, x.mean(), abs_tol=0.1 * half)
+    assert R.bootstrap_interval(x) == (lo, hi)  # reproducible
+    assert R.bootstrap_interval(x + 1.0) == pytest.approx((lo + 1.0, hi + 1.0))  # shifts with the data
+
+
+def test_paired_case_differences_average_over_common_seeds():
+    ours = {0: {"a": 0.5, "b": 0.7}, 1: {"a": 0.6, "b": None}, 3: {"a": 0.9}}
+    base = {0: {"a": 0.4, "b": 0.6, "c": 0.1}, 1: {"a": 0.4, "b": 0.5}, 2: {"a": 0.0}}
+    # a: seeds 0, 1 -> (0.1 + 0.2) / 2; b: seed 0 only (seed 1 has no Dice) -> 0.1; c: only in base -> left out
+    d = R.paired_case_differences(ours, base)
+    assert d == pytest.approx([0.15, 0.1])
+    res = [dict(_run(BASELINE, 1, s, 0.5, 0.5), dice_per_case={c: {"mean": v} for c, v in base[s].items()})
+           for s in (0, 1)]
+    res += [dict(_run(SP, 1, s, 0.6, 0.6), dice_per_case={c: {"mean": v} for c, v in ours[s].items()})
+            for s in (0, 1)]
+    sp = [r for r in R.summarize(res, [BASELINE, SP], [1], ["A", "P"], BASELINE) if r["trainer"] == SP][0]
+    assert sp["gain"]["n_cases"] == 2 and sp["gain"]["ci_cases"] == pytest.approx(R.bootstrap_interval([0.15, 0.1]))
+
+
+def test_dice_per_case_from_an_nnunet_summary():
+    from nnunet_contrastive.prep.pipeline import dice_per_case
+
+    summary = {"metric_per_case": [
+        {"prediction_file": "/p/patient001_frame01.nii.gz", "reference_file": "/r/x.nii.gz",
+         "metrics": {"1": {"Dice": 0.5}, "2": {"Dice": float("nan")}, "3": {"Dice": 0.9}}},
+        {"prediction_file": "/p/case_2.png", "metrics": {"1": {"Dice": 0.2}, "2": {"Dice": 0.4},
+                                                          "3": {"Dice": 0.0}}}]}
+    out = dice_per_case(summary, {"background": 0, "RV": 1, "MYO": 2, "LV": 3})
+    assert out["patient001_frame01"] == {"RV": 0.5, "MYO": None, "LV": 0.9, "mean": pytest.approx(0.7)}
+    assert out["case_2"]["mean"] == pytest.approx(0.2)
 
 
 def test_plot_is_written_and_small(tmp_path):
