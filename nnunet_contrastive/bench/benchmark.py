@@ -130,6 +130,7 @@ class Config:
     command: str = ""
     dataset: str = "hippocampus"
     plans_override: str | None = None  # None: the dataset's CPU tier; NO_OVERRIDE: nnU-Net's own plans
+    report_only: bool = False  # the report of the finished runs; nothing trains
 
     @property
     def override(self) -> str:
@@ -549,22 +550,34 @@ def train_or_resume(cfg: Config, prep: Prepared, env: dict, trainer: str, fold_d
     return None
 
 
-def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: int, log=print) -> dict:
-    """Train, predict and evaluate one (trainer, N, seed); skipped when its result.json exists."""
+def finished_result(cfg: Config, prep: Prepared, trainer: str, n, seed: int) -> dict | None:
+    """The result.json of a finished run (None when it has not finished)."""
     from nnunet_contrastive.prep import pipeline
 
     folder = run_dir(cfg, trainer, n, seed)
     result_path = os.path.join(folder, "result.json")
-    if os.path.isfile(result_path):
-        with open(result_path, encoding="utf-8") as f:
-            res = json.load(f)
+    if not os.path.isfile(result_path):
+        return None
+    with open(result_path, encoding="utf-8") as f:
+        res = json.load(f)
+    summary = os.path.join(folder, "predictions", "summary.json")
+    if "dice_per_case" not in res and os.path.isfile(summary):  # runs finished before it was recorded
+        with open(summary, encoding="utf-8") as f:
+            res["dice_per_case"] = pipeline.dice_per_case(json.load(f), prep.labels)
+        _write_json(result_path, res)
+    return res
+
+
+def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: int, log=print) -> dict:
+    """Train, predict and evaluate one (trainer, N, seed); skipped when its result.json exists."""
+    from nnunet_contrastive.prep import pipeline
+
+    res = finished_result(cfg, prep, trainer, n, seed)
+    if res is not None:
         log(f"  {trainer} N={n} seed={seed}: done before (mean Dice {res['dice']['mean']:.3f}), skipped")
-        summary = os.path.join(folder, "predictions", "summary.json")
-        if "dice_per_case" not in res and os.path.isfile(summary):  # runs finished before it was recorded
-            with open(summary, encoding="utf-8") as f:
-                res["dice_per_case"] = pipeline.dice_per_case(json.load(f), prep.labels)
-            _write_json(result_path, res)
         return res
+    folder = run_dir(cfg, trainer, n, seed)
+    result_path = os.path.join(folder, "result.json")
     os.makedirs(folder, exist_ok=True)
     labeled = write_split(prep, n, seed, cfg.spec)
     results = os.path.join(folder, "nnUNet_results")
@@ -647,7 +660,7 @@ def machine_info() -> dict:
 
 
 def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list[dict], failures: list[dict],
-                 cost: dict | None, wall: dict, machine: dict, finished: bool) -> dict:
+                 cost: dict | None, wall: dict, machine: dict, finished: bool, pending: list | None = None) -> dict:
     """Write results.md, results.json and the plot. `wall`: {"this_s", "total_s", "invocations"} (see WallClock)."""
     from nnunet_contrastive.bench import report as R
 
@@ -665,10 +678,13 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
            f"- machine: {machine.get('cpu_count')} CPU cores ({machine.get('cpu_model')}), device `{cfg.device}`, "
            f"torch {machine.get('torch', '?')} with {machine.get('torch_threads', '?')} threads; load average at "
            f"start {', '.join(f'{v:.2f}' for v in machine.get('loadavg_at_start', []))}",
-           f"- wall time: {wall['total_s'] / 60:.1f} min" + ("" if finished else " so far")
-           + (f" over {wall['invocations']} invocations of the command (resumed; this one {wall['this_s'] / 60:.1f} "
-              f"min)" if wall["invocations"] > 1 else "")
-           + " (preparation, cost measurements and all runs)",
+           (f"- wall time: {wall['total_s'] / 60:.1f} min over the {wall['invocations']} invocations that trained "
+            f"in this work folder at this budget and plans (runs outside this report included; per-run times in "
+            f"results.json); this report was written with --report-only" if cfg.report_only else
+            f"- wall time: {wall['total_s'] / 60:.1f} min" + ("" if finished else " so far")
+            + (f" over {wall['invocations']} invocations of the command (resumed; this one "
+               f"{wall['this_s'] / 60:.1f} min)" if wall["invocations"] > 1 else "")
+            + " (preparation, cost measurements and all runs)"),
            f"- data: {cfg.data}: {len(prep.test)} held-out test volumes (moved to imagesTs/labelsTs before planning, "
            f"seed {cfg.split_seed}); training pool {len(prep.train) + len(prep.val)} = {len(prep.train)} train + "
            f"{len(prep.val)} validation volumes (one fold, our splits_final.json); labeled subsets drawn from the "
@@ -722,6 +738,9 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
                f"nnU-Net's online validation pseudo-Dice of {BASELINE} per epoch at the smallest and the largest N "
                f"(mean over seeds): a flat end means more iterations would not help it.", "",
                "![learning curve](learning_curve.png)", ""]
+    if pending:
+        md += ["Runs without a result yet (report written with --report-only; run the command without it to train "
+               "them): " + "; ".join(f"{t} N={n} seed={sd}" for t, n, sd in pending), ""]
     if failures:
         md += ["Failed runs: " + "; ".join(f"{f['trainer']} N={f['num_labeled']} seed={f['seed']}: {f['error']}"
                                           for f in failures), ""]
@@ -759,6 +778,7 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
            "data": {"train": prep.train, "val": prep.val, "test": prep.test, "plans": prep.plans,
                     "classes": prep.classes, "resolution_ceiling": prep.ceiling and prep.ceiling["mean"]},
            "trainers": trainers, "summary": rows, "runs": results, "failures": failures, "cost": cost,
+           "pending": [{"trainer": t, "num_labeled": n, "seed": sd} for t, n, sd in pending or []],
            "plot": png}
     with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
@@ -779,7 +799,11 @@ class WallClock:
         self.entry = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)), "command": command,
                       "wall_s": 0.0}
 
-    def update(self) -> dict:
+    def update(self, record: bool = True) -> dict:
+        """The wall time so far; `record`: this invocation counts (a --report-only invocation does not)."""
+        if not record:
+            total = sum(e["wall_s"] for e in self.previous)
+            return {"this_s": time.time() - self.t_start, "total_s": total, "invocations": len(self.previous)}
         self.entry["wall_s"] = time.time() - self.t_start
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with open(self.path, "w", encoding="utf-8") as f:
@@ -816,6 +840,16 @@ def run_benchmark(cfg: Config, log=print) -> int:
         raise BenchmarkError(f"--num-labeled {too_many}: the training set has only {len(prep.train)} cases.")
 
     cost = None
+    if cfg.report_only:
+        results, pending = [], []
+        for tr, n, seed in [(tr, n, s) for s in cfg.seeds for n in cfg.num_labeled for tr in trainers]:
+            res = finished_result(cfg, prep, tr, n, seed)
+            results.append(res) if res is not None else pending.append((tr, n, seed))
+        wall = clock.update(record=False)
+        write_report(cfg, prep, trainers, results, [], None, wall, machine, finished=not pending, pending=pending)
+        step(f"report of {len(results)} finished runs ({len(pending)} without a result): "
+             f"{os.path.join(cfg.out, 'results.md')}")
+        return 0
     if not cfg.skip_cost:
         step(f"cost: {cfg.cost_warmup} warm-up + {cfg.cost_iterations} timed iterations per trainer and stage")
         numeric = [n for n in cfg.num_labeled if n != ALL]

@@ -77,6 +77,9 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="exercise the whole path in CI time (12 training volumes, a few iterations, N 1 and all); "
                         "its numbers mean nothing")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the runs that have finished (nothing trains, no cost measurement); "
+                        "the runs without a result are listed")
     p.add_argument("--fresh", action="store_true", help="delete --workdir first (only a benchmark work folder)")
     p.set_defaults(func=run)
 
@@ -120,7 +123,8 @@ def build_config(args):
         pool_size=preset["pool_size"], split_seed=args.split_seed, device=args.device, quick=args.quick,
         skip_cost=args.skip_cost, skip_label_efficiency=args.skip_label_efficiency,
         cost_warmup=pick("cost_warmup"), cost_iterations=pick("cost_iterations"), loss_sizes=list(pick("loss_sizes")),
-        loss_reps=preset["loss_reps"], command=command_line(), plans_override=plans_override(args.plans_override)), \
+        loss_reps=preset["loss_reps"], command=command_line(), plans_override=plans_override(args.plans_override),
+        report_only=args.report_only), \
         SETUP_FILE
 
 

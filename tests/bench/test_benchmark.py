@@ -293,6 +293,39 @@ def test_quick_benchmark_end_to_end(hippocampus_dir, tmp_path):
     assert out2.stdout.count("skipped") == 4 and "nnUNetv2_train" not in out2.stdout
     res2 = json.loads((report / "results.json").read_text())
     assert res2["wall"]["invocations"] == 2 and res2["wall"]["total_s"] >= res["wall"]["total_s"]
+    # every test volume's Dice is kept, and the paired gain has its interval over test volumes
+    assert all(len(r["dice_per_case"]) == len(setup["test"]) for r in res2["runs"])
+    sp1 = [r for r in res2["summary"] if r["trainer"] == SP and r["num_labeled"] == 1][0]
+    assert sp1["gain"]["n_cases"] == len(setup["test"]) and sp1["gain"]["ci_cases"] is not None
+    # a run interrupted mid-training continues from checkpoint_latest.pth with --c (here: its last epoch again)
+    import torch
+
+    run = next((wd / "runs").glob(f"*/{BASELINE}/N1_seed0"))
+    fold = next(run.glob("nnUNet_results/*/*/fold_0"))
+    ck = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    last = ck["current_epoch"] - 1
+    ck["current_epoch"] = last
+    torch.save(ck, fold / "checkpoint_latest.pth")
+    os.remove(fold / "checkpoint_final.pth")
+    os.remove(run / "result.json")
+    out3 = subprocess.run([console_script("nnunet-contrastive"), "benchmark", "--quick", "--workdir", str(wd),
+                           "--data", hippocampus_dir], env=env, capture_output=True, text=True, timeout=300)
+    assert out3.returncode == 0, out3.stdout[-3000:] + out3.stderr[-3000:]
+    assert f"resumed at epoch {last} (--c)" in out3.stdout and out3.stdout.count("skipped") == 3
+    assert (fold / "checkpoint_final.pth").is_file() and not (fold / "checkpoint_latest.pth").exists()
+    resumed = json.loads((run / "result.json").read_text())
+    assert resumed["resumed_at_epoch"] == last and len(resumed["val_curve"]) == res["budget"]["epochs"]
+    assert "resumed mid-training" in (report / "results.md").read_text()
+    # --report-only: the finished runs' report, nothing trains, the missing runs are listed, no invocation counted
+    out4 = subprocess.run([console_script("nnunet-contrastive"), "benchmark", "--quick", "--workdir", str(wd),
+                           "--data", hippocampus_dir, "--seeds", "0", "1", "--report-only", "--out",
+                           str(tmp_path / "partial")], env=env, capture_output=True, text=True, timeout=300)
+    assert out4.returncode == 0, out4.stdout[-3000:] + out4.stderr[-3000:]
+    assert "nnUNetv2_train" not in out4.stdout
+    part = json.loads((tmp_path / "partial" / "results.json").read_text())
+    assert len(part["runs"]) == 4 and {p["seed"] for p in part["pending"]} == {1} and len(part["pending"]) == 4
+    assert not part["finished"] and part["wall"]["invocations"] == 3
+    assert "Runs without a result yet" in (tmp_path / "partial" / "results.md").read_text()
     print(f"quick benchmark: {wall:.0f} s")
 
 
