@@ -561,11 +561,35 @@ def finished_result(cfg: Config, prep: Prepared, trainer: str, n, seed: int) -> 
     with open(result_path, encoding="utf-8") as f:
         res = json.load(f)
     summary = os.path.join(folder, "predictions", "summary.json")
+    changed = False
     if "dice_per_case" not in res and os.path.isfile(summary):  # runs finished before it was recorded
         with open(summary, encoding="utf-8") as f:
             res["dice_per_case"] = pipeline.dice_per_case(json.load(f), prep.labels)
+        changed = True
+    if "val_dice" not in res:
+        res["val_dice"] = validation_dice(run_fold_dir(cfg, prep, trainer, n, seed), prep.labels)
+        changed = res["val_dice"] is not None or changed
+    if changed:
         _write_json(result_path, res)
     return res
+
+
+def run_fold_dir(cfg: Config, prep: Prepared, trainer: str, n, seed: int) -> str:
+    return os.path.join(run_dir(cfg, trainer, n, seed), "nnUNet_results", prep.dataset,
+                        f"{trainer}__{prep.plans}__2d", "fold_0")
+
+
+def validation_dice(fold_dir: str, labels: dict) -> dict | None:
+    """Dice per class and mean on the fold's validation cases, from nnU-Net's final validation (full volumes, its
+    own predictor, `<fold>/validation/summary.json`); None when it is missing. Hyperparameters are chosen on it,
+    never on the test volumes."""
+    from nnunet_contrastive.prep import pipeline
+
+    path = os.path.join(fold_dir, "validation", "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return pipeline.dice_from_summary(json.load(f), labels)
 
 
 def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: int, log=print) -> dict:
@@ -582,7 +606,7 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
     labeled = write_split(prep, n, seed, cfg.spec)
     results = os.path.join(folder, "nnUNet_results")
     env = run_env(base_env, trainer, cfg.budget, results, seed)
-    fold_dir = os.path.join(results, prep.dataset, f"{trainer}__{prep.plans}__2d", "fold_0")
+    fold_dir = run_fold_dir(cfg, prep, trainer, n, seed)
     pretraining, extra = None, []
     if two_stage(trainer) and cfg.budget.pretraining == "separate":
         pretraining = ensure_pretraining(cfg, prep, base_env, trainer, seed, log)
@@ -616,7 +640,8 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
            "plans": prep.plans, "checkpoint": "checkpoint_final.pth", "dice": dice, "wall_s": times,
            "loadavg_1_5_15min": load, "pretraining": pretraining, "resumed_at_epoch": resumed,
            "val_curve": validation_curve(os.path.join(fold_dir, "checkpoint_final.pth")),
-           "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "dice_per_case": per_case}
+           "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "dice_per_case": per_case,
+           "val_dice": validation_dice(fold_dir, prep.labels)}
     _write_json(result_path, res)
     log(f"  {trainer} N={n} seed={seed}: mean Dice {dice['mean']:.3f} ("
         + ", ".join(f"{c} {dice[c]:.3f}" for c in prep.classes)

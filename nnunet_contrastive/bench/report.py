@@ -10,6 +10,8 @@ values in tests/test_benchmark.py):
 - fraction of the gap closed: (ours − few) / (full − few) with ours and few the seed-mean mean Dice of the trainer
   and of the baseline at the same N, and full the seed-mean mean Dice of the baseline with every training case
   labeled (N = "all"). None when full − few <= 0 (no gap to close), at N = "all" itself, or when a number is missing.
+- validation mean Dice: nnU-Net's final validation of each run (full volumes of the fold's validation cases), mean
+  ± std over seeds; hyperparameters and variants are chosen on it, never on the test volumes.
 - 95 % intervals of the gain, two kinds, each saying what varies:
   - over seeds: Student's t interval of the per-seed paired differences (mean ± t(0.975, k−1) · std / sqrt(k), k
     seeds; none with one seed). Training randomness and the labeled subset vary; the test set is fixed.
@@ -104,9 +106,11 @@ def summarize(results: Sequence[dict], trainers: Sequence[str], num_labeled: Seq
               baseline: str) -> list[dict]:
     """One row per (N, trainer) from per-run results ({'trainer', 'num_labeled', 'seed', 'dice': {class: v,
     'mean': v}}). Rows of missing runs have n_seeds 0 and None values."""
-    by, cases = {}, {}
+    by, cases, val = {}, {}, {}
     for r in results:
         by.setdefault((r["trainer"], r["num_labeled"]), {})[r["seed"]] = r["dice"]
+        if r.get("val_dice"):
+            val.setdefault((r["trainer"], r["num_labeled"]), []).append(r["val_dice"]["mean"])
         if r.get("dice_per_case"):
             cases.setdefault((r["trainer"], r["num_labeled"]), {})[r["seed"]] = {
                 c: d.get("mean") for c, d in r["dice_per_case"].items()}
@@ -125,6 +129,8 @@ def summarize(results: Sequence[dict], trainers: Sequence[str], num_labeled: Seq
             for c in list(classes) + ["mean"]:
                 m, s = mean_std(runs[seed][c] for seed in sorted(runs))
                 row["dice"][c] = {"mean": m, "std": s}
+            m, sd = mean_std(val.get((tr, n), []))
+            row["val_dice"] = {"mean": m, "std": sd, "n_seeds": len(val.get((tr, n), []))}
             ours_by_seed = seed_means(tr, n)
             if tr == baseline:
                 row["gain"] = {"mean": None, "std": None, "seeds": [], "ci_seeds": None, "ci_cases": None,
@@ -159,7 +165,7 @@ def n_label(n, num_train: int) -> str:
 
 def label_efficiency_markdown(rows: Sequence[dict], classes: Sequence[str], baseline: str, num_train: int) -> str:
     head = (["N labeled", "trainer", "seeds"] + [f"Dice {c}" for c in classes]
-            + ["mean Dice", f"gain vs {baseline}", "95 % CI over seeds", "95 % CI over test volumes",
+            + ["mean Dice", "validation mean Dice", f"gain vs {baseline}", "95 % CI over seeds", "95 % CI over test volumes",
                "gap closed"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
@@ -172,7 +178,9 @@ def label_efficiency_markdown(rows: Sequence[dict], classes: Sequence[str], base
             gap = "—" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"
         cells = ([n_label(r["num_labeled"], num_train), r["trainer"], str(r["n_seeds"])]
                  + [fmt(d[c]["mean"], d[c]["std"]) for c in classes]
-                 + [fmt(d["mean"]["mean"], d["mean"]["std"]), gain, ci_s, ci_c, gap])
+                 + [fmt(d["mean"]["mean"], d["mean"]["std"]),
+                    fmt(r["val_dice"]["mean"], r["val_dice"]["std"]) if "val_dice" in r else "—", gain, ci_s, ci_c,
+                    gap])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -96,12 +96,12 @@ def test_markdown_table_cells():
     rows = R.summarize(_results(), [BASELINE, SP], [1, "all"], ["A", "P"], BASELINE)
     md = R.label_efficiency_markdown(rows, ["A", "P"], BASELINE, num_train=156)
     lines = md.splitlines()
-    assert lines[0] == (f"| N labeled | trainer | seeds | Dice A | Dice P | mean Dice | gain vs {BASELINE} | "
-                        f"95 % CI over seeds | 95 % CI over test volumes | gap closed |")
-    assert lines[2] == (f"| 1 | {BASELINE} | 3 | 0.500 ± 0.100 | 0.700 ± 0.100 | 0.600 ± 0.100 | (reference) | — | — "
-                        f"| — |")
+    assert lines[0] == (f"| N labeled | trainer | seeds | Dice A | Dice P | mean Dice | validation mean Dice | "
+                        f"gain vs {BASELINE} | 95 % CI over seeds | 95 % CI over test volumes | gap closed |")
+    assert lines[2] == (f"| 1 | {BASELINE} | 3 | 0.500 ± 0.100 | 0.700 ± 0.100 | 0.600 ± 0.100 | — | (reference) | — "
+                        f"| — | — |")
     # gains 0.05, 0.10, 0.00: 0.05 ± t(0.975, 2) = 4.3027 (table value) x 0.05 / sqrt(3) = 0.1242; no per-case Dice
-    assert lines[3] == (f"| 1 | {SP} | 3 | 0.600 ± 0.100 | 0.700 ± 0.100 | 0.650 ± 0.087 | +0.050 ± 0.050 | "
+    assert lines[3] == (f"| 1 | {SP} | 3 | 0.600 ± 0.100 | 0.700 ± 0.100 | 0.650 ± 0.087 | — | +0.050 ± 0.050 | "
                         f"[-0.074, +0.174] | — | 0.25 |")
     assert lines[5].startswith(f"| all (156) | {SP} | 2 | 0.810 ± 0.014 |")
     # gains 0.02, 0.00: 0.01 ± t(0.975, 1) = 12.706 x 0.01414 / sqrt(2) = 0.1271
@@ -136,7 +136,9 @@ def test_paired_case_differences_average_over_common_seeds():
            for s in (0, 1)]
     res += [dict(_run(SP, 1, s, 0.6, 0.6), dice_per_case={c: {"mean": v} for c, v in ours[s].items()})
             for s in (0, 1)]
+    res[2]["val_dice"], res[3]["val_dice"] = {"mean": 0.4}, {"mean": 0.6}  # SPCon's validation Dice, seeds 0, 1
     sp = [r for r in R.summarize(res, [BASELINE, SP], [1], ["A", "P"], BASELINE) if r["trainer"] == SP][0]
+    assert sp["val_dice"]["mean"] == pytest.approx(0.5) and sp["val_dice"]["std"] == pytest.approx(math.sqrt(0.02))
     assert sp["gain"]["n_cases"] == 2 and sp["gain"]["ci_cases"] == pytest.approx(R.bootstrap_interval([0.15, 0.1]))
 
 
@@ -295,6 +297,7 @@ def test_quick_benchmark_end_to_end(hippocampus_dir, tmp_path):
     assert res2["wall"]["invocations"] == 2 and res2["wall"]["total_s"] >= res["wall"]["total_s"]
     # every test volume's Dice is kept, and the paired gain has its interval over test volumes
     assert all(len(r["dice_per_case"]) == len(setup["test"]) for r in res2["runs"])
+    assert all(0 <= r["val_dice"]["mean"] <= 1 for r in res2["runs"])  # nnU-Net's final validation, full volumes
     sp1 = [r for r in res2["summary"] if r["trainer"] == SP and r["num_labeled"] == 1][0]
     assert sp1["gain"]["n_cases"] == len(setup["test"]) and sp1["gain"]["ci_cases"] is not None
     # a run interrupted mid-training continues from checkpoint_latest.pth with --c (here: its last epoch again)
