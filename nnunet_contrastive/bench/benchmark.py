@@ -43,6 +43,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import sys
@@ -550,33 +551,64 @@ def train_or_resume(cfg: Config, prep: Prepared, env: dict, trainer: str, fold_d
     return None
 
 
-def finished_result(cfg: Config, prep: Prepared, trainer: str, n, seed: int) -> dict | None:
-    """The result.json of a finished run (None when it has not finished)."""
-    from nnunet_contrastive.prep import pipeline
+def equivalent_run(cfg: Config, trainer: str, n, seed: int) -> str | None:
+    """The folder of the same finished run of a trainer WITHOUT label-free pre-training in a budget folder that
+    differs from this one only in the pre-training settings (`--pretrain-epochs`, `--pretraining`), which never
+    reach such a trainer (`run_env`): the run would be identical, so it is reused instead of trained again."""
+    if two_stage(trainer):
+        return None
+    pre = f"_p{cfg.budget.pretrain_epochs}" + ("" if cfg.budget.pretraining == "inside" else "sep")
+    head, tail = cfg.tag.split(pre, 1)
+    pattern = re.compile(re.escape(head) + r"_p\d+(sep)?" + re.escape(tail))
+    root = os.path.join(cfg.workdir, "runs")
+    for other in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        folder = os.path.join(root, other, trainer, f"N{n}_seed{seed}")
+        if other != cfg.tag and pattern.fullmatch(other) and os.path.isfile(os.path.join(folder, "result.json")):
+            return folder
+    return None
 
+
+def finished_result(cfg: Config, prep: Prepared, trainer: str, n, seed: int) -> dict | None:
+    """The result.json of a finished run (None when it has not finished), or of the identical run in another budget
+    folder (`equivalent_run`; recorded as `reused_from` and copied here)."""
     folder = run_dir(cfg, trainer, n, seed)
     result_path = os.path.join(folder, "result.json")
-    if not os.path.isfile(result_path):
+    if os.path.isfile(result_path):
+        return _load_result(folder, prep, trainer)
+    source = equivalent_run(cfg, trainer, n, seed)
+    if source is None:
         return None
+    res = dict(_load_result(source, prep, trainer), reused_from=source)
+    os.makedirs(folder, exist_ok=True)
+    _write_json(result_path, res)
+    return res
+
+
+def _load_result(folder: str, prep: Prepared, trainer: str) -> dict:
+    """A run folder's result.json, completed with what older versions did not record (per-volume and validation
+    Dice, from the run's own nnU-Net summaries)."""
+    from nnunet_contrastive.prep import pipeline
+
+    result_path = os.path.join(folder, "result.json")
     with open(result_path, encoding="utf-8") as f:
         res = json.load(f)
     summary = os.path.join(folder, "predictions", "summary.json")
     changed = False
-    if "dice_per_case" not in res and os.path.isfile(summary):  # runs finished before it was recorded
+    if "dice_per_case" not in res and os.path.isfile(summary):
         with open(summary, encoding="utf-8") as f:
             res["dice_per_case"] = pipeline.dice_per_case(json.load(f), prep.labels)
         changed = True
     if "val_dice" not in res:
-        res["val_dice"] = validation_dice(run_fold_dir(cfg, prep, trainer, n, seed), prep.labels)
+        res["val_dice"] = validation_dice(run_fold_dir(folder, prep, trainer), prep.labels)
         changed = res["val_dice"] is not None or changed
     if changed:
         _write_json(result_path, res)
     return res
 
 
-def run_fold_dir(cfg: Config, prep: Prepared, trainer: str, n, seed: int) -> str:
-    return os.path.join(run_dir(cfg, trainer, n, seed), "nnUNet_results", prep.dataset,
-                        f"{trainer}__{prep.plans}__2d", "fold_0")
+def run_fold_dir(folder: str, prep: Prepared, trainer: str) -> str:
+    """nnU-Net's fold folder inside a run folder."""
+    return os.path.join(folder, "nnUNet_results", prep.dataset, f"{trainer}__{prep.plans}__2d", "fold_0")
 
 
 def validation_dice(fold_dir: str, labels: dict) -> dict | None:
@@ -598,7 +630,8 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
 
     res = finished_result(cfg, prep, trainer, n, seed)
     if res is not None:
-        log(f"  {trainer} N={n} seed={seed}: done before (mean Dice {res['dice']['mean']:.3f}), skipped")
+        log(f"  {trainer} N={n} seed={seed}: done before (mean Dice {res['dice']['mean']:.3f}"
+            + (f"; the identical run of {res['reused_from']}" if res.get("reused_from") else "") + "), skipped")
         return res
     folder = run_dir(cfg, trainer, n, seed)
     result_path = os.path.join(folder, "result.json")
@@ -606,7 +639,7 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
     labeled = write_split(prep, n, seed, cfg.spec)
     results = os.path.join(folder, "nnUNet_results")
     env = run_env(base_env, trainer, cfg.budget, results, seed)
-    fold_dir = run_fold_dir(cfg, prep, trainer, n, seed)
+    fold_dir = run_fold_dir(folder, prep, trainer)
     pretraining, extra = None, []
     if two_stage(trainer) and cfg.budget.pretraining == "separate":
         pretraining = ensure_pretraining(cfg, prep, base_env, trainer, seed, log)
@@ -726,6 +759,11 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
                f"shared the CPU and wall times are longer than on an idle machine)"]
     resumed = [f"{r['trainer']} N={r['num_labeled']} seed={r['seed']} (epoch {r['resumed_at_epoch']})"
                for r in results if r.get("resumed_at_epoch") is not None]
+    reused = sorted({os.path.basename(os.path.dirname(os.path.dirname(r["reused_from"])))
+                     for r in results if r.get("reused_from")})
+    if reused:
+        md += [f"- runs of trainers without pre-training reused from {', '.join(reused)} (same budget, other "
+               f"pre-training settings, which do not reach them: identical runs)"]
     if resumed:
         md += ["- resumed mid-training with `--c` after an interruption (the data-augmentation stream after the "
                "resume differs from an uninterrupted run's; its train time counts the last part only): "

@@ -432,3 +432,38 @@ def test_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatc
     assert go() is None and len(calls) == n_calls  # finished: nothing trains
     env = run_env({}, BASELINE, cfg, str(results), seed=0)
     assert schedule_from_env(env)["save_every"] == 1
+
+
+def test_runs_without_pretraining_are_reused_across_pretraining_settings(tmp_path):
+    """A trainer without label-free pre-training runs identically whatever --pretrain-epochs / --pretraining say,
+    so its finished run in such a sibling budget folder is reused (recorded); nothing else is."""
+    import argparse
+
+    from nnunet_contrastive.bench.benchmark import Prepared, finished_result, run_dir
+    from nnunet_contrastive.commands.benchmark import build_config, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    wd = str(tmp_path / "w")
+
+    def cfg(*extra):
+        return build_config(parser.parse_args(["benchmark", "--workdir", wd, "--epochs", "3", "--iterations", "2",
+                                               *extra]))[0]
+
+    prep = Prepared(raw="", pre="", dataset="D", plans="P", labels={"a": 1}, classes=["a"], train=[], val=[],
+                    test=[])
+    old = cfg("--pretrain-epochs", "2")
+    for tr in (BASELINE, SP):
+        folder = run_dir(old, tr, 1, 0)
+        os.makedirs(folder)
+        with open(os.path.join(folder, "result.json"), "w") as f:
+            json.dump({"trainer": tr, "dice": {"a": 0.5, "mean": 0.5}, "val_dice": None}, f)
+    new = cfg("--pretrain-epochs", "10")
+    res = finished_result(new, prep, BASELINE, 1, 0)
+    assert res["dice"]["mean"] == 0.5 and res["reused_from"] == run_dir(old, BASELINE, 1, 0)
+    assert os.path.isfile(os.path.join(run_dir(new, BASELINE, 1, 0), "result.json"))  # copied: found directly next time
+    assert finished_result(new, prep, SP, 1, 0) is None  # its pre-training differs: must run
+    assert finished_result(cfg("--pretraining", "inside"), prep, BASELINE, 1, 0)["reused_from"]
+    assert finished_result(cfg("--pretrain-epochs", "10", "--disable-tta"), prep, BASELINE, 1, 0) is None  # TTA differs
+    assert finished_result(build_config(parser.parse_args(
+        ["benchmark", "--workdir", wd, "--epochs", "4", "--iterations", "2"]))[0], prep, BASELINE, 1, 0) is None
