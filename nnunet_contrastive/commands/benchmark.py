@@ -9,6 +9,7 @@ def register(sub) -> None:
     from nnunet_contrastive.bench.benchmark import BASELINE, DEFAULT_TRAINERS, FULL, QUICK
     from nnunet_contrastive.bench.datasets import ACDC, HIPPOCAMPUS
 
+    H, A = {**FULL, **HIPPOCAMPUS.full}, {**FULL, **ACDC.full}
     p = sub.add_parser(
         "benchmark", help="label-efficiency and cost benchmark on MSD hippocampus or ACDC (unattended)",
         description="Convert Task04_Hippocampus (convert-msd) or ACDC (convert-acdc), hold out a fixed test set (moved "
@@ -22,12 +23,13 @@ def register(sub) -> None:
                     "each trainer against stock nnUNetTrainer, and the contrastive loss alone. Writes results.md, "
                     "results.json and dice_vs_labeled.png. Re-running the same command resumes: finished runs are "
                     "skipped.",
-        epilog=f"Defaults (full / --quick): epochs {FULL['epochs']} / {QUICK['epochs']}, iterations "
-               f"{FULL['iterations']} / {QUICK['iterations']}, pretrain epochs {FULL['pretrain_epochs']} / "
-               f"{QUICK['pretrain_epochs']}; hippocampus: N {' '.join(HIPPOCAMPUS.full['num_labeled'])} / "
+        epilog=f"Defaults (full / --quick): epochs {H['epochs']} (hippocampus), {A['epochs']} (ACDC) / "
+               f"{QUICK['epochs']}, iterations {FULL['iterations']} / {QUICK['iterations']}, pretrain epochs "
+               f"{H['pretrain_epochs']} (hippocampus), {A['pretrain_epochs']} (ACDC) / {QUICK['pretrain_epochs']}; "
+               f"hippocampus: N {' '.join(HIPPOCAMPUS.full['num_labeled'])} / "
                f"{' '.join(HIPPOCAMPUS.quick['num_labeled'])}, test cases {HIPPOCAMPUS.full['test_cases']} / "
                f"{HIPPOCAMPUS.quick['test_cases']}, training pool all remaining / {HIPPOCAMPUS.quick['pool_size']}; "
-               f"ACDC: epochs {ACDC.full['epochs']}, N {' '.join(ACDC.full['num_labeled'])} patients / "
+               f"ACDC: N {' '.join(ACDC.full['num_labeled'])} patients / "
                f"{' '.join(ACDC.quick['num_labeled'])}, the "
                f"ssl4mis split (70 / 10 / 20 patients) / {ACDC.quick['pool_size']} train, 1 val, 1 test patient.")
     p.add_argument("--dataset", default="hippocampus", choices=("hippocampus", "acdc"),
