@@ -11,7 +11,8 @@ from nnunet_contrastive.trainers.global_local import (nnUNetTrainerGlobalLocal, 
                                                       nnUNetTrainerGlobalLocalLD, nnUNetTrainerGlobalLocalPretrain)
 from nnunet_contrastive.trainers.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_contrastive.trainers.plcon import (nnUNetTrainerPLCon, nnUNetTrainerPLConConfident,
-                                               nnUNetTrainerPLConIntra, nnUNetTrainerPLConSG)
+                                               nnUNetTrainerPLConIntra, nnUNetTrainerPLConLongWarmup,
+                                               nnUNetTrainerPLConSG)
 from nnunet_contrastive.trainers.spcon import (nnUNetTrainerSPCon, nnUNetTrainerSPConHard,
                                                nnUNetTrainerSPConPatient, nnUNetTrainerSPConPhase,
                                                nnUNetTrainerSPConPaperBatch, nnUNetTrainerSPConPosition,
@@ -48,4 +49,5 @@ __all__ = [
     "nnUNetTrainerPLConIntra",
     "nnUNetTrainerPLConConfident",
     "nnUNetTrainerPLConSG",
+    "nnUNetTrainerPLConLongWarmup",
 ]

@@ -44,7 +44,8 @@ from nnunet_contrastive.terms.pixel_contrast import PixelContrastTerm, PixelEmbe
 from nnunet_contrastive.trainers.base import SCHEDULE_ENV
 from nnunet_contrastive.trainers.staged import DEFAULT_NUM_EPOCHS, nnUNetTrainerStaged
 
-__all__ = ["nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConConfident", "nnUNetTrainerPLConSG"]
+__all__ = ["nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConConfident", "nnUNetTrainerPLConSG",
+           "nnUNetTrainerPLConLongWarmup"]
 
 
 class nnUNetTrainerPLCon(nnUNetTrainerStaged):
@@ -170,3 +171,8 @@ class nnUNetTrainerPLConConfident(nnUNetTrainerPLCon):
 class nnUNetTrainerPLConSG(nnUNetTrainerPLCon):
     """Anchors drawn with ARCO's stratified group sampler (SG) instead of uniformly."""
     pixel_sampler = "sg"
+
+
+class nnUNetTrainerPLConLongWarmup(nnUNetTrainerPLCon):
+    """Half of the run as supervised warm-up, so round 1's pseudo-labels come from a more trained network."""
+    warmup_fraction = 0.5

@@ -43,6 +43,10 @@ def test_stages_follow_the_run_length(monkeypatch):
     assert r1.fresh_lr and not r2.fresh_lr and r1.loader.unlabeled == 0.5
     assert nnUNetTrainerPLCon.needs_unlabeled() and not nnUNetTrainerPLCon.pretraining_stage_names()
     assert nnUNetTrainerPLConIntra.inter_image is False
+    from nnunet_contrastive.trainers import nnUNetTrainerPLConLongWarmup
+
+    assert [(s.name, s.epochs) for s in nnUNetTrainerPLConLongWarmup.declare_stages()] == [
+        ("warmup", 5), ("round1", 2), ("round2", 2), ("round3", 1)]
 
 
 def test_rounds_estimate_resume_mid_estimation_and_never_recompute(in_process):
