@@ -139,7 +139,7 @@ ACDC = BenchDataset(
     key="acdc", name="ACDC", folder="ACDC", title="ACDC", unit="patients",
     # 30 x 100 iterations: FewLabels' validation Dice is flat from about 1200 (N = 1) and 1500 (N = all)
     # iterations on (acdc_cpu plans; docs/results/acdc_cpu). Pre-training runs once per seed outside that budget:
-    # 10 x 100 iterations per pre-training stage (fixed a priori, nearer the papers' schedules than 2 x 100; not
+    # 10 x 100 iterations per pre-training stage (towards the papers' far longer schedules than 2 x 100; not
     # tuned); trainers without pre-training reuse their runs of any pre-training setting (equivalent_run)
     full=dict(dataset_id=943, test_cases=None, val_cases=None, pool_size=None, num_labeled=["1", "3", "7", "all"],
               epochs=30, pretrain_epochs=10),
