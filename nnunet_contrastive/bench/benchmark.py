@@ -481,8 +481,6 @@ def pretraining_env(base: dict, trainer: str, budget: Budget, results: str, seed
 def ensure_pretraining(cfg: Config, prep: Prepared, base_env: dict, trainer: str, seed: int, log=print) -> dict:
     """The label-free pre-training of `trainer` for `seed`, run once (on every training image) and reused by every
     N; returns {"checkpoint", "wall_s", "iterations"}."""
-    from nnunet_contrastive.prep import pipeline
-
     folder = os.path.join(cfg.workdir, "pretraining", cfg.tag, trainer, f"seed{seed}")
     info_path = os.path.join(folder, "pretraining.json")
     if os.path.isfile(info_path):
@@ -492,12 +490,11 @@ def ensure_pretraining(cfg: Config, prep: Prepared, base_env: dict, trainer: str
     write_split(prep, ALL, seed, cfg.spec)  # labels are never read by a pre-training stage; every image is used
     results = os.path.join(folder, "nnUNet_results")
     env = pretraining_env(base_env, trainer, cfg.budget, results, seed)
-    fold_dir = os.path.join(results, prep.dataset, f"{trainer}__{prep.plans}__2d", "fold_0")
     t0 = time.time()
-    train_or_resume(cfg, prep, env, trainer, fold_dir, results, [], os.path.join(folder, "log.txt"), log,
+    train_or_resume(cfg, prep, env, trainer, folder, [], os.path.join(folder, "log.txt"), log,
                     f"  {trainer} seed={seed}: label-free pre-training, once for every N "
                     f"({env['nnUNet_contrastive_stage_epochs']} epochs per stage x {cfg.budget.iterations} iterations)")
-    ckpt = os.path.join(fold_dir, "checkpoint_final.pth")
+    ckpt = os.path.join(run_fold_dir(folder, prep, trainer), "checkpoint_final.pth")
     n_epochs = sum(int(v) for v in env["nnUNet_contrastive_stage_epochs"].split(","))
     info = {"checkpoint": ckpt, "wall_s": time.time() - t0, "iterations": n_epochs * cfg.budget.iterations,
             "stage_epochs": env["nnUNet_contrastive_stage_epochs"]}
@@ -526,29 +523,31 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def train_or_resume(cfg: Config, prep: Prepared, env: dict, trainer: str, fold_dir: str, results: str,
-                    extra: list[str], logf: str, log, message: str) -> int | None:
-    """Train one run to checkpoint_final.pth. An interrupted run (checkpoint_latest.pth, written every epoch, see
-    `run_env`) continues with `nnUNetv2_train --c` from the epoch it reached, which is returned; otherwise the
-    run starts from scratch (returns None; nothing to do when checkpoint_final.pth exists)."""
+def train_or_resume(cfg: Config, prep: Prepared, env: dict, trainer: str, folder: str, extra: list[str],
+                    logf: str, log, message: str) -> int | None:
+    """Train the run in `folder` (its nnUNet_results inside) to checkpoint_final.pth. An interrupted run
+    (checkpoint_latest.pth, written every epoch, see `run_env`) continues with `nnUNetv2_train --c` from the epoch it
+    reached, which is returned; otherwise the run starts from scratch (returns None; nothing to do when
+    checkpoint_final.pth exists)."""
     from nnunet_contrastive.data.checkpoints import read_checkpoint
     from nnunet_contrastive.prep import pipeline
 
+    fold_dir = run_fold_dir(folder, prep, trainer)
     if os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
         return None
     latest = os.path.join(fold_dir, "checkpoint_latest.pth")
+    epoch = None
     if os.path.isfile(latest):
         epoch = int(read_checkpoint(latest).get("current_epoch", 0))  # names a damaged file
         log(f"{message}: resumed at epoch {epoch} (--c)")
         # the pre-trained weights are in the checkpoint; nnU-Net refuses --c together with -pretrained_weights
-        pipeline.train(cfg.dataset_id, trainer, prep.plans, 0, env, device=cfg.device, log=lambda *a: None,
-                       output_file=logf, extra=["--c"])
-        return epoch
-    shutil.rmtree(results, ignore_errors=True)  # killed before its first epoch ended: nothing to keep
-    log(message)
+        extra = ["--c"]
+    else:
+        shutil.rmtree(os.path.join(folder, "nnUNet_results"), ignore_errors=True)  # killed before its first epoch
+        log(message)
     pipeline.train(cfg.dataset_id, trainer, prep.plans, 0, env, device=cfg.device, log=lambda *a: None,
                    output_file=logf, extra=extra)
-    return None
+    return epoch
 
 
 def equivalent_run(cfg: Config, trainer: str, n, seed: int) -> str | None:
@@ -649,7 +648,7 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
     times = {}
     load = {"start": _loadavg()}
     t0 = time.time()
-    resumed = train_or_resume(cfg, prep, env, trainer, fold_dir, results, extra, logf, log,
+    resumed = train_or_resume(cfg, prep, env, trainer, folder, extra, logf, log,
                               f"  {trainer} N={n} seed={seed}: nnUNetv2_train ({len(labeled)} labeled / "
                               f"{len(prep.train)} train cases; log {logf})")
     times["train_s"] = time.time() - t0
@@ -902,10 +901,13 @@ def run_benchmark(cfg: Config, log=print) -> int:
     if too_many:
         raise BenchmarkError(f"--num-labeled {too_many}: the training set has only {len(prep.train)} cases.")
 
+    # the full-supervision baseline first: every "gap closed" needs it
+    order = sorted(cfg.num_labeled, key=lambda n: (0,) if n == ALL else (1, int(n)))
+    todo = [(tr, n, s) for s in cfg.seeds for n in order for tr in trainers]
     cost = None
     if cfg.report_only:
         results, pending = [], []
-        for tr, n, seed in [(tr, n, s) for s in cfg.seeds for n in cfg.num_labeled for tr in trainers]:
+        for tr, n, seed in todo:
             res = finished_result(cfg, prep, tr, n, seed)
             results.append(res) if res is not None else pending.append((tr, n, seed))
         wall = clock.update(record=False)
@@ -926,9 +928,6 @@ def run_benchmark(cfg: Config, log=print) -> int:
 
     results, failures = [], []
     if not cfg.skip_label_efficiency:
-        # the full-supervision baseline first: every "gap closed" needs it
-        order = sorted(cfg.num_labeled, key=lambda n: (0,) if n == ALL else (1, int(n)))
-        todo = [(tr, n, s) for s in cfg.seeds for n in order for tr in trainers]
         for i, (tr, n, seed) in enumerate(todo, 1):
             step(f"run {i}/{len(todo)}: {tr}, N={n}, seed {seed}")
             try:

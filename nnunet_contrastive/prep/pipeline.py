@@ -132,22 +132,27 @@ def evaluate(gt_folder: str, pred_folder: str, dataset_json: str, plans_json: st
         return json.load(f)
 
 
+def _dice_by_label(metrics: dict, labels: dict[str, int]) -> dict[str, float]:
+    """{foreground label name: Dice} of one block of nnU-Net's summary.json (keys are label values as strings)."""
+    by_value = {str(v): k for k, v in labels.items() if v != 0 and k != "ignore"}
+    out = {}
+    for key, m in metrics.items():
+        name = by_value.get(str(key).strip("()").rstrip(",").strip())
+        if name is not None:
+            out[name] = float(m["Dice"])
+    return out
+
+
 def dice_per_case(summary: dict, labels: dict[str, int]) -> dict[str, dict]:
     """{case: {label name: Dice, 'mean': mean over the labels that have one}} from nnU-Net's summary.json.
 
     The case is the prediction's file name without its ending; a Dice nnU-Net leaves NaN (label absent from both
     reference and prediction) is None and left out of the case's mean (nnU-Net's per-class means skip it too)."""
-    by_value = {str(v): k for k, v in labels.items() if v != 0 and k != "ignore"}
     out = {}
     for entry in summary["metric_per_case"]:
         name = os.path.basename(entry["prediction_file"])
         case = name[:-len(".nii.gz")] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
-        row = {}
-        for key, metrics in entry["metrics"].items():
-            label = by_value.get(str(key).strip("()").rstrip(",").strip())
-            if label is not None:
-                v = float(metrics["Dice"])
-                row[label] = None if math.isnan(v) else v
+        row = {k: None if math.isnan(v) else v for k, v in _dice_by_label(entry["metrics"], labels).items()}
         present = [v for v in row.values() if v is not None]
         row["mean"] = sum(present) / len(present) if present else None
         out[case] = row
@@ -156,11 +161,4 @@ def dice_per_case(summary: dict, labels: dict[str, int]) -> dict[str, dict]:
 
 def dice_from_summary(summary: dict, labels: dict[str, int]) -> dict[str, float]:
     """{label name: mean Dice over cases} for the foreground labels, plus 'mean' (nnU-Net's foreground mean)."""
-    by_value = {str(v): k for k, v in labels.items() if v != 0 and k != "ignore"}
-    out = {}
-    for key, metrics in summary["mean"].items():
-        name = by_value.get(str(key).strip("()").rstrip(",").strip())
-        if name is not None:
-            out[name] = float(metrics["Dice"])
-    out["mean"] = float(summary["foreground_mean"]["Dice"])
-    return out
+    return {**_dice_by_label(summary["mean"], labels), "mean": float(summary["foreground_mean"]["Dice"])}

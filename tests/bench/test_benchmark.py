@@ -410,14 +410,14 @@ def test_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatc
     conf = type("C", (), {"dataset_id": 1, "device": "cpu"})()
     prep = Prepared(raw="", pre="", dataset="D", plans="P", labels={}, classes=[], train=[], val=[], test=[])
     results = tmp_path / "nnUNet_results"
-    fold = results / "D" / "fold_0"
+    fold = results / "D" / "T__P__2d" / "fold_0"  # nnU-Net's layout inside the run folder
     fold.mkdir(parents=True)
     marker = results / "keep.txt"
     marker.write_text("x")
     logs = []
 
     def go():
-        return train_or_resume(conf, prep, {}, "T", str(fold), str(results), ["-pretrained_weights", "w.pth"],
+        return train_or_resume(conf, prep, {}, "T", str(tmp_path), ["-pretrained_weights", "w.pth"],
                                str(tmp_path / "log.txt"), logs.append, "T N=1")
 
     assert go() is None and calls == [["-pretrained_weights", "w.pth"]]  # fresh start
