@@ -56,9 +56,11 @@ PHANTOM_ID = 991
 
 def cli_env(folders: dict, **extra) -> dict:
     """Environment of a new shell: small-machine settings, the given nnU-Net folders, NO nnUNet_extTrainer
-    (finding our trainers must rely on the installed .pth hook)."""
+    (finding our trainers must rely on the installed .pth hook), and our trainers seeded (seed 0 unless given):
+    the short CLI runs' Dice bars then hold run after run instead of depending on the draw of the weights."""
     from nnunet_contrastive.prep.pipeline import small_machine_env
 
+    extra.setdefault("nnUNet_contrastive_seed", 0)
     return small_machine_env({k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}, **folders, **extra)
 
 
