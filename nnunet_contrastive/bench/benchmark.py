@@ -132,6 +132,7 @@ class Config:
     dataset: str = "hippocampus"
     plans_override: str | None = None  # None: the dataset's CPU tier; NO_OVERRIDE: nnU-Net's own plans
     report_only: bool = False  # the report of the finished runs; nothing trains
+    imports: list[str] = field(default_factory=list)  # earlier reports' results.json whose runs are imported
 
     @property
     def override(self) -> str:
@@ -583,6 +584,70 @@ def finished_result(cfg: Config, prep: Prepared, trainer: str, n, seed: int) -> 
     return res
 
 
+def _same_budget(trainer: str, theirs: dict, ours: Budget) -> bool:
+    """Budgets that give the same run: equal, or differing only in pre-training settings that never reach a trainer
+    without pre-training (as in `equivalent_run`)."""
+    mine = dataclasses.asdict(ours)
+    if not two_stage(trainer):
+        theirs = {k: v for k, v in theirs.items() if k not in ("pretrain_epochs", "pretraining")}
+        mine = {k: v for k, v in mine.items() if k not in ("pretrain_epochs", "pretraining")}
+    return theirs == mine
+
+
+def import_results(cfg: Config, prep: Prepared, paths: list[str], log=print) -> list[str]:
+    """Copy finished runs of earlier reports (their results.json) into this work folder, for a campaign spread over
+    sessions or machines whose work folders do not survive. A run is imported only when it is one of this
+    benchmark's runs (trainer, N, seed) made under the same conditions: dataset, plans, budget, the same train /
+    validation / test cases and the same labeled cases. A run this folder already has is kept. Imported result.json
+    files record `imported_from`; the report lists them. Returns the run folders written."""
+    written, skipped = [], []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                report = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise BenchmarkError(f"--import-results {path}: cannot read it ({e}).") from e
+        if not isinstance(report, dict) or not isinstance(report.get("runs"), list) or "data" not in report:
+            raise BenchmarkError(f"--import-results {path}: not a benchmark report (the results.json that "
+                                 f"`nnunet-contrastive benchmark` writes next to results.md, with 'runs' and 'data').")
+        data = report["data"]
+        theirs = (report.get("config", {}).get("dataset", "hippocampus"),
+                  sorted(data.get("train", [])), sorted(data.get("val", [])), sorted(data.get("test", [])))
+        if theirs != (cfg.dataset, sorted(prep.train), sorted(prep.val), sorted(prep.test)):
+            raise BenchmarkError(f"--import-results {path}: its dataset or its train / validation / test cases differ "
+                                 f"from this benchmark's ({cfg.dataset}, {len(prep.train)} / {len(prep.val)} / "
+                                 f"{len(prep.test)} cases); its runs cannot be compared with these.")
+        for rec in report["runs"]:
+            key = (rec.get("trainer"), rec.get("num_labeled"), rec.get("seed"))
+            name = f"{key[0]} N={key[1]} seed={key[2]}"
+            if key[0] not in resolve_trainers(cfg.trainers) or key[1] not in cfg.num_labeled or key[2] not in cfg.seeds:
+                continue  # not a run of this benchmark
+            why = None
+            if rec.get("plans") != prep.plans:
+                why = f"plans {rec.get('plans')} instead of {prep.plans}"
+            elif not _same_budget(key[0], rec.get("budget", {}), cfg.budget):
+                why = f"budget {rec.get('budget')} instead of {dataclasses.asdict(cfg.budget)}"
+            elif sorted(rec.get("labeled", [])) != sorted(cfg.spec.labeled(list(prep.train), key[1], key[2],
+                                                                           prep.groups, prep.train_order)):
+                why = "other labeled cases than this benchmark draws for that N and seed"
+            elif set(rec.get("dice_per_case") or {}) != set(prep.test):
+                why = "no per-volume Dice on this benchmark's test cases"
+            if why:
+                skipped.append(f"{name}: {why}")
+                continue
+            folder = run_dir(cfg, key[0], key[1], key[2])
+            if os.path.isfile(os.path.join(folder, "result.json")):
+                log(f"  {name}: this work folder has its own run; not imported from {path}")
+                continue
+            os.makedirs(folder, exist_ok=True)
+            _write_json(os.path.join(folder, "result.json"), dict(rec, imported_from=os.path.abspath(path)))
+            written.append(folder)
+            log(f"  {name}: imported from {path} (mean Dice {rec['dice']['mean']:.3f})")
+    for s in skipped:
+        log(f"  not imported (made under other conditions): {s}")
+    return written
+
+
 def _load_result(folder: str, prep: Prepared, trainer: str) -> dict:
     """A run folder's result.json, completed with what older versions did not record (per-volume and validation
     Dice, from the run's own nnU-Net summaries)."""
@@ -630,7 +695,8 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
     res = finished_result(cfg, prep, trainer, n, seed)
     if res is not None:
         log(f"  {trainer} N={n} seed={seed}: done before (mean Dice {res['dice']['mean']:.3f}"
-            + (f"; the identical run of {res['reused_from']}" if res.get("reused_from") else "") + "), skipped")
+            + (f"; the identical run of {res['reused_from']}" if res.get("reused_from") else "")
+            + (f"; imported from {res['imported_from']}" if res.get("imported_from") else "") + "), skipped")
         return res
     folder = run_dir(cfg, trainer, n, seed)
     result_path = os.path.join(folder, "result.json")
@@ -673,7 +739,7 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
            "loadavg_1_5_15min": load, "pretraining": pretraining, "resumed_at_epoch": resumed,
            "val_curve": validation_curve(os.path.join(fold_dir, "checkpoint_final.pth")),
            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "dice_per_case": per_case,
-           "val_dice": validation_dice(fold_dir, prep.labels)}
+           "val_dice": validation_dice(fold_dir, prep.labels), "code": code_version()}
     _write_json(result_path, res)
     log(f"  {trainer} N={n} seed={seed}: mean Dice {dice['mean']:.3f} ("
         + ", ".join(f"{c} {dice[c]:.3f}" for c in prep.classes)
@@ -688,6 +754,22 @@ def _loadavg() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
+
+def code_version() -> str:
+    """This package's version and, in a git checkout, its commit (with '-dirty' for uncommitted changes): which code
+    made a run, kept in its result.json (runs imported from another session may come from other code)."""
+    import subprocess
+
+    from nnunet_contrastive import __version__
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return __version__ + (f"+{commit}" if commit else "")
 
 
 def machine_info() -> dict:
@@ -763,6 +845,12 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
     if reused:
         md += [f"- runs of trainers without pre-training reused from {', '.join(reused)} (same budget, other "
                f"pre-training settings, which do not reach them: identical runs)"]
+    imported = sorted({r["imported_from"] for r in results if r.get("imported_from")})
+    if imported:
+        md += ["- runs imported from earlier reports with --import-results (same dataset, cases, labeled cases, plans "
+               "and budget; trained in another work folder, their time not in the wall time above): "
+               + ", ".join(f"{r['trainer']} N={r['num_labeled']} seed={r['seed']}" for r in results
+                           if r.get("imported_from")) + " from " + ", ".join(f"`{p}`" for p in imported)]
     if resumed:
         md += ["- resumed mid-training with `--c` after an interruption (the data-augmentation stream after the "
                "resume differs from an uninterrupted run's; its train time counts the last part only): "
@@ -901,6 +989,9 @@ def run_benchmark(cfg: Config, log=print) -> int:
     if too_many:
         raise BenchmarkError(f"--num-labeled {too_many}: the training set has only {len(prep.train)} cases.")
 
+    if cfg.imports:
+        step(f"importing finished runs of {', '.join(cfg.imports)}")
+        import_results(cfg, prep, cfg.imports, log=step)
     # the full-supervision baseline first: every "gap closed" needs it
     order = sorted(cfg.num_labeled, key=lambda n: (0,) if n == ALL else (1, int(n)))
     todo = [(tr, n, s) for s in cfg.seeds for n in order for tr in trainers]

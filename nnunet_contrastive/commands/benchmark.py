@@ -82,6 +82,10 @@ def register(sub) -> None:
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the runs that have finished (nothing trains, no cost measurement); "
                         "the runs without a result are listed")
+    p.add_argument("--import-results", nargs="+", default=[], metavar="RESULTS_JSON",
+                   help="import the finished runs of earlier reports (their results.json) that this command would "
+                        "make under the same conditions (dataset, cases, labeled cases, plans, budget), instead of "
+                        "training them again: a campaign spread over sessions whose work folders do not survive")
     p.add_argument("--fresh", action="store_true", help="delete --workdir first (only a benchmark work folder)")
     p.set_defaults(func=run)
 
@@ -126,7 +130,7 @@ def build_config(args):
         skip_cost=args.skip_cost, skip_label_efficiency=args.skip_label_efficiency,
         cost_warmup=pick("cost_warmup"), cost_iterations=pick("cost_iterations"), loss_sizes=list(pick("loss_sizes")),
         loss_reps=preset["loss_reps"], command=command_line(), plans_override=plans_override(args.plans_override),
-        report_only=args.report_only), \
+        report_only=args.report_only, imports=[os.path.abspath(p) for p in args.import_results]), \
         SETUP_FILE
 
 

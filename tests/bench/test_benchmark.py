@@ -467,3 +467,69 @@ def test_runs_without_pretraining_are_reused_across_pretraining_settings(tmp_pat
     assert finished_result(cfg("--pretrain-epochs", "10", "--disable-tta"), prep, BASELINE, 1, 0) is None  # TTA differs
     assert finished_result(build_config(parser.parse_args(
         ["benchmark", "--workdir", wd, "--epochs", "4", "--iterations", "2"]))[0], prep, BASELINE, 1, 0) is None
+
+
+def test_import_results_takes_only_runs_made_under_the_same_conditions(tmp_path):
+    """--import-results copies an earlier report's runs into a new work folder when they are this benchmark's runs
+    under the same conditions (cases, labeled cases, plans, budget; pre-training settings only for trainers that
+    pre-train), keeps this folder's own runs, and rejects a report of other cases outright."""
+    import argparse
+
+    from nnunet_contrastive.bench.benchmark import Prepared, finished_result, import_results, run_dir
+    from nnunet_contrastive.commands.benchmark import build_config, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+
+    def cfg(*extra):
+        return build_config(parser.parse_args(["benchmark", "--dataset", "acdc", "--workdir", str(tmp_path / "w"),
+                                               "--epochs", "3", "--iterations", "2", "--pretrain-epochs", "1",
+                                               "--num-labeled", "1", "--seeds", "0", "1", "--trainers", SP,
+                                               *extra]))[0]
+
+    # published order: patient B first, so N = 1, seed 0 labels B's two frames
+    train = ["A_f1", "A_f2", "B_f1", "B_f2", "C_f1", "C_f2"]
+    groups = {c: c.split("_")[0] for c in train}
+    prep = Prepared(raw="", pre="", dataset="D", plans="P", labels={"x": 1}, classes=["x"], train=train,
+                    val=["V_f1"], test=["T_f1", "T_f2"], groups=groups, train_order=["B", "A", "C"])
+    budget = {"epochs": 3, "iterations": 2, "val_iterations": 4, "pretrain_epochs": 1, "disable_tta": False,
+              "pretraining": "separate"}
+
+    def rec(trainer, seed=0, labeled=("B_f1", "B_f2"), **kw):
+        r = {"trainer": trainer, "num_labeled": 1, "seed": seed, "labeled": list(labeled), "plans": "P",
+             "budget": dict(budget), "dice": {"x": 0.4, "mean": 0.4}, "val_dice": None,
+             "dice_per_case": {"T_f1": {"x": 0.3}, "T_f2": {"x": 0.5}}}
+        r.update(kw)
+        return r
+
+    runs = [rec(BASELINE, budget=dict(budget, pretrain_epochs=9)),  # no pre-training: the setting does not reach it
+            rec(SP, budget=dict(budget, pretrain_epochs=9)),  # pre-trains: another pre-training, not imported
+            rec(BASELINE, seed=1, labeled=("A_f1", "C_f2")),  # one frame of two patients: never a draw of N = 1
+            rec("nnUNetTrainerPLCon"),  # not a trainer of this benchmark: ignored
+            rec(SP, seed=1, labeled=("A_f1",), plans="Q")]
+    report = tmp_path / "results.json"
+    data = {"train": train, "val": ["V_f1"], "test": ["T_f2", "T_f1"]}
+    report.write_text(json.dumps({"config": {"dataset": "acdc"}, "data": data, "runs": runs}))
+    c = cfg("--import-results", str(report))
+    assert c.imports == [str(report)]
+    logs = []
+    written = import_results(c, prep, c.imports, log=logs.append)
+    assert written == [run_dir(c, BASELINE, 1, 0)]
+    res = finished_result(c, prep, BASELINE, 1, 0)
+    assert res["imported_from"] == str(report) and res["dice"]["mean"] == 0.4
+    assert finished_result(c, prep, SP, 1, 0) is None and finished_result(c, prep, BASELINE, 1, 1) is None
+    text = "\n".join(logs)
+    assert "nnUNetTrainerSPCon N=1 seed=0: budget" in text and "other labeled cases" in text and "plans Q" in text
+    assert "PLCon" not in text
+    # this folder's own run is kept
+    with open(os.path.join(run_dir(c, BASELINE, 1, 0), "result.json"), "w") as f:
+        json.dump(rec(BASELINE, dice={"x": 0.9, "mean": 0.9}), f)
+    assert import_results(c, prep, c.imports, log=logs.append) == []
+    assert finished_result(c, prep, BASELINE, 1, 0)["dice"]["mean"] == 0.9
+    # a report of other test cases cannot be compared at all
+    report.write_text(json.dumps({"config": {"dataset": "acdc"}, "data": dict(data, test=["T_f1"]), "runs": runs}))
+    with pytest.raises(BenchmarkError, match="test cases differ"):
+        import_results(c, prep, c.imports)
+    report.write_text(json.dumps({"runs": 3}))
+    with pytest.raises(BenchmarkError, match="not a benchmark report"):
+        import_results(c, prep, c.imports)
