@@ -449,6 +449,16 @@ def write_split(prep: Prepared, num_labeled, seed: int, spec=None) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ runs
+def cost_budget(budget: Budget, trainer: str) -> Budget:
+    """The budget a cost measurement builds `trainer` with: its pre-training stages inside the run (each stage is
+    timed at its first epoch) and room left after them, however short the benchmark's own epochs (--quick: 2
+    epochs could not hold GlobalLocal's two pre-training stages and a supervised one)."""
+    from nnunet_contrastive.bench.cost import trainer_stages
+
+    room = len(trainer_stages(trainer)) * budget.pretrain_epochs
+    return dataclasses.replace(budget, pretraining="inside", epochs=budget.epochs + room)
+
+
 def run_env(base: dict, trainer: str, budget: Budget, results: str, seed: int | None = None) -> dict:
     env = dict(base, nnUNet_results=results, nnUNet_contrastive_epochs=str(budget.epochs),
                nnUNet_contrastive_iterations=str(budget.iterations),
@@ -898,8 +908,11 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
         md += ["## Cost per training iteration (same plans and batch, ratio to stock nnUNetTrainer)", "",
                R.cost_markdown(cost["trainers"]), "",
                "Median over the timed iterations after warm-up, one fresh process per row; s/it = "
-               "next(dataloader_train) + train_step (data augmentation in the same process, nnUNet_n_proc_DA=0); "
-               "peak RSS = ru_maxrss of that process (interpreter, torch and nnU-Net included).", ""]
+               f"next(dataloader_train) + train_step ({R.augmentation_note(cost['trainers'])}); peak RSS = "
+               "ru_maxrss of that process (interpreter, torch and nnU-Net included)"
+               + ("; on CUDA nnU-Net trains under autocast with a GradScaler (AMP) and the GPU memory is "
+                  "torch.cuda.max_memory_allocated" if any(r.get("amp") for r in cost["trainers"]) else "")
+               + "; loss = mean training loss of the measured iterations.", ""]
         if cost.get("loss"):
             ref = cost["loss"]["step_reference"]
             label = f"{ref['trainer']} step" + (f" (stage {ref['stage']})" if ref["stage"] else "")
@@ -1011,8 +1024,7 @@ def run_benchmark(cfg: Config, log=print) -> int:
         numeric = [n for n in cfg.num_labeled if n != ALL]
         write_split(prep, min(numeric) if numeric else ALL, 0, cfg.spec)  # stage 2 with unlabeled rows if possible
         cost = measure_costs(
-            trainers, lambda tr, res: run_env(base_env, tr, dataclasses.replace(cfg.budget, pretraining="inside"),
-                                              res) if tr != STOCK else
+            trainers, lambda tr, res: run_env(base_env, tr, cost_budget(cfg.budget, tr), res) if tr != STOCK else
             dict(base_env, nnUNet_results=res), prep.dataset, prep.plans, cfg.device, cfg.cost_warmup,
             cfg.cost_iterations, cfg.loss_sizes, cfg.loss_reps,
             os.path.join(cfg.workdir, "cost", cfg.tag), log=step)

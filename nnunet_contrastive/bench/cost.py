@@ -4,8 +4,8 @@ and the cost of the contrastive loss alone.
 Each measurement runs in its own subprocess (`python -m nnunet_contrastive.bench.cost trainer|loss SPEC`), so
 the peak resident set size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) belongs to that trainer alone (interpreter,
 torch, nnU-Net, network, optimizer, data loader, activations). In the subprocess the trainer is built exactly as
-`nnUNetv2_train` builds it (same plans, fold 0, same environment: schedule variables, `nnUNet_n_proc_DA=0` so data
-augmentation runs in the same process), `initialize()` and `on_train_start()` run (its own data loaders), and then
+`nnUNetv2_train` builds it (same plans, fold 0, same environment: schedule variables, `nnUNet_n_proc_DA`: 0 on a
+small machine, so data augmentation runs in the same process; the value is recorded per row), `initialize()` and `on_train_start()` run (its own data loaders), and then
 `warmup` + `iterations` training iterations: `batch = next(trainer.dataloader_train)` then
 `trainer.train_step(batch)`. Reported: median wall time per iteration (load + step, what an nnU-Net epoch spends per
 iteration) and median of the step alone, over the timed iterations. Two-stage trainers (nnUNetTrainerSPCon, ...)
@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 RESULT_PREFIX = "BENCHMARK_COST_RESULT "
 STOCK = "nnUNetTrainer"
 
@@ -44,6 +46,24 @@ def trainer_class(name: str):
 def _peak_rss_mib() -> float:
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return kib / 1024.0 if sys.platform != "darwin" else kib / 2 ** 20
+
+
+def loss_summary(losses: list[float], epoch_stats: dict) -> dict:
+    """The total loss of every measured iteration (warm-up included) and each named loss term of our trainers
+    (`<term>_loss` in their epoch stats): mean and whether every value was finite, so a trainer that yields NaN or
+    inf on a device (e.g. under CUDA AMP) is seen in the cost table rather than only timed."""
+    out = {"loss_mean": float(np.mean(losses)) if losses else None,
+           "loss_finite": bool(np.all(np.isfinite(losses))) if losses else None, "term_losses": {}}
+    for key, values in epoch_stats.items():
+        if not key.endswith("_loss") or not values:
+            continue
+        vals = np.array([float(np.asarray(v.detach().float().cpu() if hasattr(v, "detach") else v,
+                                          dtype=np.float64).mean()) for v in values])
+        finite = bool(np.all(np.isfinite(vals)))
+        out["term_losses"][key] = {"mean": float(vals[np.isfinite(vals)].mean()) if np.isfinite(vals).any() else None,
+                                   "finite": finite}
+        out["loss_finite"] = bool(out["loss_finite"] and finite) if out["loss_finite"] is not None else finite
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -65,16 +85,17 @@ def measure_trainer(spec: dict) -> dict:
         trainer.on_epoch_start()
         trainer.on_train_epoch_start()
     setup_s = time.perf_counter() - t0
-    load_s, step_s = [], []
+    load_s, step_s, losses = [], [], []
     with contextlib.redirect_stdout(sys.stderr):
         for i in range(spec["warmup"] + spec["iterations"]):
             t1 = time.perf_counter()
             batch = next(trainer.dataloader_train)
             t2 = time.perf_counter()
-            trainer.train_step(batch)
+            res = trainer.train_step(batch)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t3 = time.perf_counter()
+            losses.append(float(np.asarray(res["loss"], dtype=np.float64).mean()))
             if i >= spec["warmup"]:
                 load_s.append(t2 - t1)
                 step_s.append(t3 - t2)
@@ -84,7 +105,9 @@ def measure_trainer(spec: dict) -> dict:
            "s_per_it": statistics.median(total), "step_s": statistics.median(step_s),
            "load_s": statistics.median(load_s), "timed_iterations": len(total), "warmup_iterations": spec["warmup"],
            "setup_s": setup_s, "peak_rss_mib": _peak_rss_mib(), "rss_after_import_mib": rss_before,
-           "torch_threads": torch.get_num_threads(), "device": str(device)}
+           "torch_threads": torch.get_num_threads(), "device": str(device),
+           "amp": device.type == "cuda", "n_proc_DA": os.environ.get("nnUNet_n_proc_DA"),  # nnU-Net (and our trainers) train under autocast + GradScaler on CUDA
+           **loss_summary(losses, getattr(trainer, "_epoch_stats", {}))}
     if device.type == "cuda":
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return out
@@ -208,13 +231,21 @@ def measure_costs(trainers: list[str], env_for, dataset: str, plans: str, device
         with open(cache, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)
         log(f"  cost {tag}: {res['s_per_it']:.3f} s/it (step {res['step_s']:.3f} s), peak RSS "
-            f"{res['peak_rss_mib']:.0f} MiB ({time.time() - t0:.0f} s)")
+            f"{res['peak_rss_mib']:.0f} MiB" + (f", peak {device} memory {res['cuda_max_allocated_mib']:.0f} MiB"
+                                               if "cuda_max_allocated_mib" in res else "")
+            + f", loss {res['loss_mean']:.3g}{'' if res['loss_finite'] else ' NOT FINITE'} ({time.time() - t0:.0f} s)")
         rows.append(res)
     stock = rows[0]
     for r in rows:
         r["s_per_it_ratio"] = r["s_per_it"] / stock["s_per_it"]
         r["step_ratio"] = r["step_s"] / stock["step_s"]
         r["peak_rss_ratio"] = r["peak_rss_mib"] / stock["peak_rss_mib"]
+        if "cuda_max_allocated_mib" in r and stock.get("cuda_max_allocated_mib"):
+            r["cuda_memory_ratio"] = r["cuda_max_allocated_mib"] / stock["cuda_max_allocated_mib"]
+    bad = [r["trainer"] + ("" if r.get("stage") is None else f" stage {r['stage']}") for r in rows
+           if r.get("loss_finite") is False]
+    if bad:
+        log(f"  WARNING: non-finite loss on {device} in {', '.join(bad)} (see term_losses in the cost JSON)")
 
     loss = None
     if loss_sizes:

@@ -186,16 +186,36 @@ def label_efficiency_markdown(rows: Sequence[dict], classes: Sequence[str], base
 
 
 def cost_markdown(cost_rows: Sequence[dict], reference: str = "nnUNetTrainer") -> str:
-    head = ["trainer", "stage", "s/it (load + step)", "× stock", "step only (s)", "peak RSS (MiB)", "× stock",
-            "timed its"]
+    """One row per (trainer, stage): time per iteration, peak host memory and, when measured on CUDA, peak GPU
+    memory, each with its ratio to stock nnUNetTrainer; the mean training loss of the measured iterations, flagged
+    when any value (total or a named term) was not finite."""
+    gpu = any("cuda_max_allocated_mib" in r for r in cost_rows)
+    head = (["trainer", "stage", "s/it (load + step)", "× stock", "step only (s)", "peak RSS (MiB)", "× stock"]
+            + (["peak GPU memory (MiB)", "× stock"] if gpu else []) + ["loss", "timed its"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in cost_rows:
         stage = "—" if r.get("stage") is None else str(r["stage"])
         name = r["trainer"] + (" (reference)" if r["trainer"] == reference and r.get("stage") is None else "")
         cells = [name, stage, f"{r['s_per_it']:.3f}", f"{r['s_per_it_ratio']:.2f}", f"{r['step_s']:.3f}",
-                 f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_ratio']:.2f}", str(r["timed_iterations"])]
+                 f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_ratio']:.2f}"]
+        if gpu:
+            mem, ratio = r.get("cuda_max_allocated_mib"), r.get("cuda_memory_ratio")
+            cells += ["—" if mem is None else f"{mem:.0f}", "—" if ratio is None else f"{ratio:.2f}"]
+        if r.get("loss_mean") is None:
+            loss = "—"
+        else:
+            loss = f"{r['loss_mean']:.3g}" + ("" if r.get("loss_finite") else " **not finite**")
+        cells += [loss, str(r["timed_iterations"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def augmentation_note(cost_rows: Sequence[dict]) -> str:
+    """Where the measured rows ran nnU-Net's data augmentation (nnUNet_n_proc_DA as recorded by each row)."""
+    values = sorted({str(r.get("n_proc_DA", "0")) for r in cost_rows})
+    if values == ["0"]:
+        return "data augmentation in the same process, nnUNet_n_proc_DA=0"
+    return "data augmentation in nnUNet_n_proc_DA=" + "/".join(values) + " background workers"
 
 
 def loss_markdown(loss_rows: Sequence[dict], step_label: str) -> str:

@@ -287,6 +287,9 @@ def test_quick_benchmark_end_to_end(hippocampus_dir, tmp_path):
     stages = [(c["trainer"], c["stage"]) for c in res["cost"]["trainers"]]
     assert stages == [("nnUNetTrainer", None), (BASELINE, None), (SP, 1), (SP, 2)]
     assert res["cost"]["trainers"][0]["s_per_it_ratio"] == 1.0
+    # every measured step gave a finite loss, and our staged trainer's named loss terms were looked at too
+    assert all(c["loss_finite"] is True for c in res["cost"]["trainers"])
+    assert res["cost"]["trainers"][2]["term_losses"] and not res["cost"]["trainers"][0]["term_losses"]
     assert all(r["max_abs_diff"] < 1e-4 for r in res["cost"]["loss"]["rows"])
     # resuming: a second invocation skips every finished run and measurement
     out2 = subprocess.run([console_script("nnunet-contrastive"), "benchmark", "--quick", "--workdir", str(wd),
