@@ -108,14 +108,16 @@ def class_means(features: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """Mean feature per class over the valid pixels of the whole batch.
 
     features ``(B, D, *S)``, valid bool ``(B, K, *S)`` -> (means ``(K, D)``, counts ``(K,)``); a class without
-    valid pixels gets a zero mean (count 0)."""
+    valid pixels gets a zero mean (count 0). In float32 with autocast off: under CUDA AMP the einsum would run in
+    float16, whose sums over a batch's pixels overflow to inf (the loss was NaN from the first step on a GPU)."""
     B, D = features.shape[:2]
     K = valid.shape[1]
-    f = features.reshape(B, D, -1).float()
-    v = valid.reshape(B, K, -1).to(f.dtype)
-    sums = torch.einsum("bdl,bkl->kd", f, v)
-    counts = v.sum((0, 2))
-    return sums / counts.clamp(min=1).unsqueeze(1), counts
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        f = features.reshape(B, D, -1).float()
+        v = valid.reshape(B, K, -1).to(f.dtype)
+        sums = torch.einsum("bdl,bkl->kd", f, v)
+        counts = v.sum((0, 2))
+        return sums / counts.clamp(min=1).unsqueeze(1), counts
 
 
 @dataclass(frozen=True)

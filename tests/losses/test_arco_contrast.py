@@ -341,3 +341,20 @@ def test_checkpoints_without_the_sampler_state_still_load_other_gaps_fail():
         load_terms_state(terms(), {k: v for k, v in old.items() if k != weight}, "T")
     with pytest.raises(RuntimeError, match="unexpected.*bogus"):
         load_terms_state(terms(), {**old, "arco.bogus": torch.zeros(1)}, "T")
+
+
+def test_class_means_stay_finite_and_exact_under_float16_autocast():
+    """On an H200 at nnU-Net's ACDC plans (batch 56 x 256 x 224) the ARCO loss was NaN from the first step: under
+    CUDA AMP the einsum of class_means ran in float16 and its sums over the batch's pixels overflowed to inf. CPU
+    autocast with float16 reproduces it; the means must match a float64 NumPy reference."""
+    gen = torch.Generator().manual_seed(0)
+    feats = 6.0 + torch.rand(4, 5, 64, 80, generator=gen)  # class 0: ~18 400 pixels x 6.5 > 65 504
+    valid = torch.rand(4, 3, 64, 80, generator=gen) < torch.tensor([0.9, 0.5, 0.0]).view(1, 3, 1, 1)
+    f, v = feats.double().numpy(), valid.numpy()
+    ref = np.stack([np.stack([f[:, d][v[:, k]].mean() if v[:, k].any() else 0.0 for d in range(5)])
+                    for k in range(3)])
+    with torch.autocast("cpu", dtype=torch.float16):
+        means, counts = class_means(feats.half(), valid)
+    assert torch.isfinite(means).all()
+    np.testing.assert_allclose(means.double().numpy(), ref, rtol=2e-3, atol=1e-3)  # float16 inputs: 3 digits
+    assert counts.tolist() == [float(v[:, k].sum()) for k in range(3)]

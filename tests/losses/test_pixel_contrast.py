@@ -158,3 +158,24 @@ def test_float32_and_temperature():
     assert float(lo.loss) != float(hi.loss)
     out32 = pixel_contrast_loss(emb.float(), labels, [1, 2, 3], sample=lo.sample, temperature=0.5)
     assert float(out32.loss) == pytest.approx(float(lo.loss), rel=1e-5)
+
+
+def test_class_means_stay_finite_and_exact_under_float16_autocast():
+    """Per-image class means (the positives) under CUDA AMP ran their einsum in float16: a patch's sums overflow.
+    CPU float16 autocast reproduces it; the means must match a float64 NumPy reference."""
+    from nnunet_contrastive.losses.pixel_contrast import class_means
+
+    gen = torch.Generator().manual_seed(1)
+    emb = 3.0 + torch.rand(2, 4, 128, 160, generator=gen)  # 20 480 pixels x ~3.5 per image: > 65 504
+    masks = torch.zeros(2, 2, 128, 160, dtype=torch.bool)
+    masks[:, 0] = True
+    masks[0, 1, :10] = True
+    e, m = emb.double().numpy(), masks.numpy()
+    with torch.autocast("cpu", dtype=torch.float16):
+        means, counts = class_means(emb.half(), masks)
+    assert torch.isfinite(means).all()
+    for b in range(2):
+        for k in range(2):
+            ref = np.array([e[b, d][m[b, k]].mean() for d in range(4)]) if m[b, k].any() else np.zeros(4)
+            np.testing.assert_allclose(means[b, k].double().numpy(), ref, rtol=2e-3, atol=1e-3)
+    assert counts.tolist() == [[int(m[b, k].sum()) for k in range(2)] for b in range(2)]
