@@ -193,6 +193,19 @@ def run_worker(kind: str, spec: dict, env: dict, log_file: str, timeout: float |
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
+def loss_step_reference(rows: list[dict]) -> dict:
+    """The step the contrastive loss alone is compared with: the first measured stage-1 (pre-training) row of a
+    trainer that trains with that loss (SPCon, UnsupCon and their variants), else stock nnUNetTrainer (rows[0])."""
+    from nnunet_contrastive.trainers.spcon import nnUNetTrainerSPCon
+    from nnunet_contrastive.trainers.unsup_con import nnUNetTrainerUnsupCon
+
+    for r in rows:
+        if r["trainer"] != STOCK and r.get("stage") == 1 and \
+                issubclass(trainer_class(r["trainer"]), (nnUNetTrainerSPCon, nnUNetTrainerUnsupCon)):
+            return r
+    return rows[0]
+
+
 def trainer_stages(name: str) -> list[int | None]:
     """[None] for one-stage trainers (stock loop), else the 1-based stages of the trainer's declared plan."""
     cls = trainer_class(name)
@@ -266,8 +279,7 @@ def measure_costs(trainers: list[str], env_for, dataset: str, plans: str, device
             with open(cache, "w", encoding="utf-8") as f:
                 json.dump(loss, f, indent=1)
             log(f"  loss cost: {len(sizes)} sizes ({time.time() - t0:.0f} s)")
-        stage1 = [r for r in rows if r["stage"] == 1 and r["trainer"] != STOCK]
-        step_ref = stage1[0] if stage1 else stock
+        step_ref = loss_step_reference(rows)
         loss["step_reference"] = {"trainer": step_ref["trainer"], "stage": step_ref["stage"],
                                   "step_s": step_ref["step_s"], "batch_size": batch}
         for r in loss["rows"]:

@@ -58,3 +58,18 @@ def test_augmentation_note_follows_the_recorded_workers():
 
     assert "same process" in augmentation_note([{"n_proc_DA": "0"}, {}])  # rows cached before it was recorded
     assert augmentation_note([{"n_proc_DA": "12"}]) == "data augmentation in nnUNet_n_proc_DA=12 background workers"
+
+
+def test_the_loss_alone_is_compared_with_a_step_that_trains_with_it():
+    """The GPU report compared supcon_loss with ARCO's step when SPCon was not measured: the reference is a
+    SPCon / UnsupCon pre-training step, else the stock step."""
+    from nnunet_contrastive.bench.cost import loss_step_reference
+
+    stock = {"trainer": "nnUNetTrainer", "stage": None}
+    arco = {"trainer": "nnUNetTrainerARCO", "stage": 1}
+    spcon2 = {"trainer": "nnUNetTrainerSPCon", "stage": 2}
+    unsup1 = {"trainer": "nnUNetTrainerUnsupCon", "stage": 1}
+    assert loss_step_reference([stock, arco]) is stock
+    assert loss_step_reference([stock, arco, spcon2, unsup1]) is unsup1
+    assert loss_step_reference([stock, {"trainer": "nnUNetTrainerSPConHard", "stage": 1}, unsup1])["trainer"] == \
+        "nnUNetTrainerSPConHard"
