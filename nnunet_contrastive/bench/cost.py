@@ -5,7 +5,8 @@ Each measurement runs in its own subprocess (`python -m nnunet_contrastive.bench
 the peak resident set size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) belongs to that trainer alone (interpreter,
 torch, nnU-Net, network, optimizer, data loader, activations). In the subprocess the trainer is built exactly as
 `nnUNetv2_train` builds it (same plans, fold 0, same environment: schedule variables, `nnUNet_n_proc_DA`: 0 on a
-small machine, so data augmentation runs in the same process; the value is recorded per row), `initialize()` and `on_train_start()` run (its own data loaders), and then
+small machine, so data augmentation runs in the same process; the value is recorded per row), `initialize()` and
+`on_train_start()` run (its own data loaders), and then
 `warmup` + `iterations` training iterations: `batch = next(trainer.dataloader_train)` then
 `trainer.train_step(batch)`. Reported: median wall time per iteration (load + step, what an nnU-Net epoch spends per
 iteration) and median of the step alone, over the timed iterations. Two-stage trainers (nnUNetTrainerSPCon, ...)
@@ -52,18 +53,18 @@ def loss_summary(losses: list[float], epoch_stats: dict) -> dict:
     """The total loss of every measured iteration (warm-up included) and each named loss term of our trainers
     (`<term>_loss` in their epoch stats): mean and whether every value was finite, so a trainer that yields NaN or
     inf on a device (e.g. under CUDA AMP) is seen in the cost table rather than only timed."""
-    out = {"loss_mean": float(np.mean(losses)) if losses else None,
-           "loss_finite": bool(np.all(np.isfinite(losses))) if losses else None, "term_losses": {}}
+    terms = {}
     for key, values in epoch_stats.items():
         if not key.endswith("_loss") or not values:
             continue
         vals = np.array([float(np.asarray(v.detach().float().cpu() if hasattr(v, "detach") else v,
                                           dtype=np.float64).mean()) for v in values])
-        finite = bool(np.all(np.isfinite(vals)))
-        out["term_losses"][key] = {"mean": float(vals[np.isfinite(vals)].mean()) if np.isfinite(vals).any() else None,
-                                   "finite": finite}
-        out["loss_finite"] = bool(out["loss_finite"] and finite) if out["loss_finite"] is not None else finite
-    return out
+        ok = np.isfinite(vals)
+        terms[key] = {"mean": float(vals[ok].mean()) if ok.any() else None, "finite": bool(ok.all())}
+    finite = [bool(np.all(np.isfinite(losses)))] if losses else []
+    finite += [t["finite"] for t in terms.values()]
+    return {"loss_mean": float(np.mean(losses)) if losses else None, "loss_finite": all(finite) if finite else None,
+            "term_losses": terms}
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -106,7 +107,8 @@ def measure_trainer(spec: dict) -> dict:
            "load_s": statistics.median(load_s), "timed_iterations": len(total), "warmup_iterations": spec["warmup"],
            "setup_s": setup_s, "peak_rss_mib": _peak_rss_mib(), "rss_after_import_mib": rss_before,
            "torch_threads": torch.get_num_threads(), "device": str(device),
-           "amp": device.type == "cuda", "n_proc_DA": os.environ.get("nnUNet_n_proc_DA"),  # nnU-Net (and our trainers) train under autocast + GradScaler on CUDA
+           # nnU-Net (and our trainers) train under autocast + GradScaler on CUDA
+           "amp": device.type == "cuda", "n_proc_DA": os.environ.get("nnUNet_n_proc_DA"),
            **loss_summary(losses, getattr(trainer, "_epoch_stats", {}))}
     if device.type == "cuda":
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20

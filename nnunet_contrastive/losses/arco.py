@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from nnunet_contrastive.losses.core import info_nce
+from nnunet_contrastive.losses.core import info_nce, masked_pixel_sums
 
 __all__ = ["arco_valid_mask", "class_means", "arco_contrast", "ARCOOutput", "ClassKeyMemory", "entropy_percent_at",
            "ARCO_TEMPERATURE"]
@@ -108,16 +108,11 @@ def class_means(features: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """Mean feature per class over the valid pixels of the whole batch.
 
     features ``(B, D, *S)``, valid bool ``(B, K, *S)`` -> (means ``(K, D)``, counts ``(K,)``); a class without
-    valid pixels gets a zero mean (count 0). In float32 with autocast off: under CUDA AMP the einsum would run in
-    float16, whose sums over a batch's pixels overflow to inf (the loss was NaN from the first step on a GPU)."""
-    B, D = features.shape[:2]
-    K = valid.shape[1]
-    with torch.autocast(device_type=features.device.type, enabled=False):
-        f = features.reshape(B, D, -1).float()
-        v = valid.reshape(B, K, -1).to(f.dtype)
-        sums = torch.einsum("bdl,bkl->kd", f, v)
-        counts = v.sum((0, 2))
-        return sums / counts.clamp(min=1).unsqueeze(1), counts
+    valid pixels gets a zero mean (count 0). Float32, autocast off
+    (:func:`~nnunet_contrastive.losses.core.masked_pixel_sums`: under CUDA AMP float16 sums overflowed)."""
+    sums, counts = masked_pixel_sums(features.float(), valid)
+    sums, counts = sums.sum(0), counts.sum(0).to(sums.dtype)
+    return sums / counts.clamp(min=1).unsqueeze(1), counts
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,17 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def masked_pixel_sums(features: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, D, *S) features and (B, K, *S) bool masks -> ((B, K, D) sums of the features over each mask's pixels,
+    (B, K) pixel counts). Float32 (float64 stays) with autocast off: under CUDA AMP the einsum would run in float16,
+    whose sums over a patch's pixels overflow to inf (ARCO's loss was NaN from the first step on a GPU)."""
+    b, d = features.shape[:2]
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        flat = features.reshape(b, d, -1).to(_compute_dtype(features))
+        m = masks.reshape(b, masks.shape[1], -1)
+        return torch.einsum("bkl,bdl->bkd", m.to(flat.dtype), flat), m.sum(-1)
+
+
 def similarity(anchors: Tensor, keys: Tensor, temperature: float, normalize: bool = True) -> Tensor:
     """(A, D), (K, D) -> (A, K) ``a_i . k_j / tau`` in float32 (float64 for float64 inputs), autocast off."""
     if anchors.ndim != 2 or keys.ndim != 2 or anchors.shape[1] != keys.shape[1]:

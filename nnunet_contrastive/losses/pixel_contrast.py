@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from nnunet_contrastive.components.samplers import NSSampler, PixelSample, PixelSampler, class_masks
-from nnunet_contrastive.losses.core import info_nce
+from nnunet_contrastive.losses.core import info_nce, masked_pixel_sums
 
 __all__ = ["PixelContrastOutput", "class_means", "pixel_contrast_masks", "pixel_contrast_loss", "random_partners"]
 
@@ -61,17 +61,10 @@ class PixelContrastOutput:
 
 def class_means(embeddings: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
     """(B, D, *S) embeddings and (B, K, *S) bool masks -> ((B, K, D) class means, (B, K) pixel counts).
-    An empty class has a zero mean (it is never used as a key). Computed in float32 (float64 stays) with autocast
-    off: under CUDA AMP the einsum would run in float16, whose sums over a patch's pixels overflow to inf."""
-    b, d = embeddings.shape[:2]
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        flat = embeddings.reshape(b, d, -1)
-        if flat.dtype in (torch.float16, torch.bfloat16):
-            flat = flat.float()
-        m = masks.reshape(b, masks.shape[1], -1).to(flat.dtype)
-        counts = masks.reshape(b, masks.shape[1], -1).sum(-1)
-        sums = torch.einsum("bkl,bdl->bkd", m, flat)
-        return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype), counts
+    An empty class has a zero mean (it is never used as a key). Float32 (float64 stays), autocast off
+    (:func:`~nnunet_contrastive.losses.core.masked_pixel_sums`)."""
+    sums, counts = masked_pixel_sums(embeddings, masks)
+    return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype), counts
 
 
 def random_partners(n: int, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
