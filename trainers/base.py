@@ -10,7 +10,11 @@
   how many epochs apart `checkpoint_latest.pth` is written (nnU-Net: 50), so a short run can be resumed with `--c`.
 - Seeding: `nnUNet_contrastive_seed` seeds Python's, NumPy's and torch's generators before the network is built,
   so weights, case/slice sampling and augmentation are reproducible in one process (with `nnUNet_n_proc_DA=0`:
-  nnU-Net's multi-process augmenter seeds its workers itself). Paired runs then differ only in the method.
+  nnU-Net's multi-process augmenter seeds its workers itself). Paired runs then differ only in the method. Under
+  DDP every rank builds the same weights, then ranks > 0 are re-seeded apart so they draw their own batches.
+- Checkpoints carry the global generators' states (nnunet_contrastive.framework.rng): `--c` restores them when
+  training restarts, so a seeded run interrupted and resumed with `nnUNet_n_proc_DA=0` draws the same batches as
+  an uninterrupted one (under DDP rank 0 continues its stream; ranks > 0 are re-seeded from seed, rank and epoch).
 - Checkpoints are written atomically (temporary file, then rename) and carry our state under the key
   `CHECKPOINT_KEY`, which nnU-Net's predictor ignores. The labeled subset is part of it: resuming (`--c`) with a
   different subset stops with an error instead of silently training on other labels.
@@ -26,6 +30,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_contrastive.data.labeled import SPLITS_FILENAME, labeled_and_unlabeled, read_splits
 from nnunet_contrastive.data.metadata import copy_metadata
+from nnunet_contrastive.framework.rng import capture_rng_state, reseed_for_rank, restore_rng_state, seed_everything
 
 CHECKPOINT_KEY = "nnunet_contrastive"
 SEED_ENV = "nnUNet_contrastive_seed"
@@ -56,16 +61,6 @@ def _env_int(var: str, raw: str, minimum: int) -> int:
     return value
 
 
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
 def schedule_from_env(environ=None) -> dict[str, int]:
     """Trainer attribute -> value for each schedule variable that is set. Raises ValueError on a bad value."""
     environ = os.environ if environ is None else environ
@@ -92,11 +87,19 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainer):
         self.seed = seed_from_env()
         if self.seed is not None:
             self.schedule_overrides["seed"] = self.seed
+        self._resumed_rng_state: dict | None = None
+
+    @property
+    def run_seed(self) -> int | None:
+        """The seed of this fold's run (nnUNet_contrastive_seed + fold), None when unseeded."""
+        return None if self.seed is None else self.seed + (0 if self.fold == "all" else int(self.fold))
 
     def initialize(self):
-        if self.seed is not None:  # before the network's weights are drawn
-            seed_everything(self.seed + (0 if self.fold == "all" else int(self.fold)))
+        if self.seed is not None:  # before the network's weights (and our heads) are drawn: the same on every rank
+            seed_everything(self.run_seed)
         super().initialize()
+        if self.seed is not None and self.is_ddp and self.local_rank > 0:
+            reseed_for_rank(self.run_seed, self.local_rank)  # each rank its own batches and augmentation
 
     # ------------------------------------------------------------------ data split
     def do_split(self):
@@ -130,6 +133,7 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainer):
         if self.schedule_overrides:
             self.print_to_log_file(f"Schedule overridden by environment: {self.schedule_overrides}")
         super().on_train_start()
+        self._continue_random_streams()
         if self.local_rank == 0:  # the model records the meta-labels it was trained with (beside dataset.json)
             raw = os.environ.get("nnUNet_raw")
             sources = [self.preprocessed_dataset_folder_base] + (
@@ -138,14 +142,29 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainer):
                 if copy_metadata(folder, self.output_folder_base):
                     break
 
+    def _continue_random_streams(self) -> None:
+        """After a checkpoint was loaded (--c): the generators continue where the saved run left them, so the next
+        epoch draws what the uninterrupted run drew. Called once loaders are built, before the first epoch."""
+        state, self._resumed_rng_state = self._resumed_rng_state, None
+        if state is None:
+            return
+        if self.is_ddp and self.local_rank > 0:  # the checkpoint holds rank 0's streams
+            if self.seed is not None:
+                reseed_for_rank(self.run_seed, self.local_rank, self.current_epoch)
+            return
+        restore_rng_state(state)
+        self.print_to_log_file(f"Random generators restored from the checkpoint (epoch {self.current_epoch}).")
+
     # ------------------------------------------------------------------ checkpoints
     def extra_checkpoint_state(self) -> dict:
         """Our state saved beside nnU-Net's keys. Subclasses extend it (heads, teacher, stage, schedules)."""
-        return {"labeled_keys": self.labeled_keys, "schedule_overrides": self.schedule_overrides}
+        return {"labeled_keys": self.labeled_keys, "schedule_overrides": self.schedule_overrides,
+                "rng": capture_rng_state()}
 
     def load_extra_checkpoint_state(self, state: dict) -> None:
         if state.get("labeled_keys") is not None:
             self.labeled_keys = list(state["labeled_keys"])
+        self._resumed_rng_state = state.get("rng")  # restored by on_train_start (checkpoints before it: none)
 
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0:

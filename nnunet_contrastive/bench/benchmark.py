@@ -31,7 +31,9 @@ Runs
     with its own nnUNet_results folder, `nnUNetv2_predict` on imagesTs, `nnUNetv2_evaluate_folder` against labelsTs.
     Its result is `<workdir>/runs/<budget>[_<plans>]/<trainer>/N<n>_seed<s>/result.json` (`Config.tag`); a run with that file is skipped, an
     interrupted one continues: training with `nnUNetv2_train --c` from its `checkpoint_latest.pth` (written every
-    epoch; result.json records `resumed_at_epoch`), or prediction from `checkpoint_final.pth`. The seed draws the
+    epoch, with the random generators' states, so a resumed run with nnUNet_n_proc_DA=0 draws what the
+    uninterrupted one would have; result.json records `resumed_at_epoch`), or prediction from
+    `checkpoint_final.pth`. The seed draws the
     labeled subset and seeds nnU-Net's training. FewLabels' validation pseudo-Dice per epoch (nnU-Net's online
     validation) is kept as the learning curve: the report plots it at the smallest and the largest N.
 
@@ -862,8 +864,10 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
                + ", ".join(f"{r['trainer']} N={r['num_labeled']} seed={r['seed']}" for r in results
                            if r.get("imported_from")) + " from " + ", ".join(f"`{p}`" for p in imported)]
     if resumed:
-        md += ["- resumed mid-training with `--c` after an interruption (the data-augmentation stream after the "
-               "resume differs from an uninterrupted run's; its train time counts the last part only): "
+        md += ["- resumed mid-training with `--c` after an interruption (its checkpoint carries the random "
+               "generators, so with nnUNet_n_proc_DA=0 the run continues the uninterrupted run's batches; with "
+               "augmentation workers, or from a checkpoint older than that, the stream after the resume differs; its "
+               "train time counts the last part only): "
                + ", ".join(resumed)]
     if prep.ceiling:
         names = {str(v): k for k, v in prep.labels.items()}

@@ -1,5 +1,6 @@
 """The staged framework on a three-stage toy trainer (phantoms, in-process): freezing, teacher re-sync, exact resume
-in the middle of a stage, stats logged by name."""
+in the middle of a stage (the same next batch, drawn from the restored generators, and the same step), stats logged
+by name."""
 from __future__ import annotations
 
 import os
@@ -101,7 +102,12 @@ def test_three_stages_freeze_resync_log_and_resume_exactly(toy_env, tmp_path):
     b.on_train_epoch_start()
     ThreeStageToy.records = {"side_checkpoint": str(tmp_path / "unused.pth"), "batch": rec["batch"],
                              "after": "resumed"}  # keep b from recording over a's values
-    b.train_step(rec["batch"])
+    batch = next(b.dataloader_train)  # the random generators continue from the checkpoint: a's batch again
+    assert list(batch["keys"]) == list(rec["batch"]["keys"])
+    for k, v in rec["batch"].items():
+        if torch.is_tensor(v):
+            assert torch.equal(batch[k], v), k
+    b.train_step(batch)
     assert b.optimizer.param_groups[0]["lr"] == rec["after"]["lr"]
     for k, v in _clone(b.network).items():
         assert torch.equal(v, rec["after"]["net"][k]), k
