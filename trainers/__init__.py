@@ -12,7 +12,7 @@ from nnunet_contrastive.trainers.global_local import (nnUNetTrainerGlobalLocal, 
 from nnunet_contrastive.trainers.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_contrastive.trainers.plcon import (nnUNetTrainerPLCon, nnUNetTrainerPLConConfident,
                                                nnUNetTrainerPLConIntra, nnUNetTrainerPLConLongWarmup,
-                                               nnUNetTrainerPLConSG)
+                                               nnUNetTrainerPLConSelfTrain, nnUNetTrainerPLConSG)
 from nnunet_contrastive.trainers.spcon import (nnUNetTrainerSPCon, nnUNetTrainerSPConHard,
                                                nnUNetTrainerSPConPatient, nnUNetTrainerSPConPhase,
                                                nnUNetTrainerSPConPaperBatch, nnUNetTrainerSPConPosition,
@@ -50,4 +50,5 @@ __all__ = [
     "nnUNetTrainerPLConConfident",
     "nnUNetTrainerPLConSG",
     "nnUNetTrainerPLConLongWarmup",
+    "nnUNetTrainerPLConSelfTrain",
 ]

@@ -27,6 +27,10 @@ code (methods.md C): the cumulative normalisation (we normalise once), dense-CRF
 pseudo-labels (nnU-Net's own prediction is used as is), the fixed 10+10 contrastive batch of images with every
 class present (our batches are nnU-Net's, and absent classes are left out).
 
+Variant ``nnUNetTrainerPLConSelfTrain`` (``pseudo_label_ce_weight`` > 0) adds cross-entropy on the unlabeled rows'
+pseudo-labels (confident pixels only; nnunet_contrastive.terms.pseudo_label), which the paper leaves out, as a
+candidate to compare on validation.
+
 Observability (log, progress_contrastive.png): ``plcon_loss``, ``plcon_anchors_c<k>``, ``plcon_images``, and per
 round ``plcon_round``, ``plcon_changed`` (fraction of unlabeled pixels whose pseudo-label changed at this
 re-estimation) and ``plcon_val_dice`` (pseudo-label Dice against ground truth on the fold's validation cases).
@@ -41,11 +45,12 @@ from nnunet_contrastive.data.pseudo_labels import PseudoLabelStore, estimate_rou
 from nnunet_contrastive.framework.stages import LoaderSpec, Stage, Use
 from nnunet_contrastive.terms import SupervisedTerm
 from nnunet_contrastive.terms.pixel_contrast import PixelContrastTerm, PixelEmbeddingHead
+from nnunet_contrastive.terms.pseudo_label import PseudoLabelCETerm
 from nnunet_contrastive.trainers.base import SCHEDULE_ENV
 from nnunet_contrastive.trainers.staged import DEFAULT_NUM_EPOCHS, nnUNetTrainerStaged
 
 __all__ = ["nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConConfident", "nnUNetTrainerPLConSG",
-           "nnUNetTrainerPLConLongWarmup"]
+           "nnUNetTrainerPLConLongWarmup", "nnUNetTrainerPLConSelfTrain"]
 
 
 class nnUNetTrainerPLCon(nnUNetTrainerStaged):
@@ -63,6 +68,8 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
     min_confidence = 0.0  # > 0: unlabeled pixels below this pseudo-label confidence are left out of the contrast
     pixel_sampler = "ns"  # nnunet_contrastive.components.samplers: "ns", "sg", "sag"
     pseudo_label_mirroring = False  # test-time mirroring of the estimation (nnU-Net's predictor)
+    pseudo_label_ce_weight = 0.0  # > 0: + weight x CE on the pseudo-labels of unlabeled rows (paper: none, Table II)
+    pseudo_label_ce_confidence = 0.9  # pixels below this pseudo-label confidence are left out of that CE
 
     # ------------------------------------------------------------------ declarations
     @classmethod
@@ -81,7 +88,9 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
             stages.append(Stage(f"round{i + 1}", n,
                                 LoaderSpec(labeled="batch", unlabeled=float(cls.unlabeled_batch_ratio)),
                                 trains=("network", "plcon"),
-                                terms=(Use("sup", rows="labeled"), Use("plcon", cls.lambda_cont, rows="all")),
+                                terms=(Use("sup", rows="labeled"), Use("plcon", cls.lambda_cont, rows="all"))
+                                + ((Use("plce", cls.pseudo_label_ce_weight, rows="unlabeled"),)
+                                   if cls.pseudo_label_ce_weight > 0 else ()),
                                 fresh_lr=i == 0, fresh_momentum=i == 0))
         return stages
 
@@ -93,7 +102,8 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
         return {"sup": SupervisedTerm(),
                 "plcon": PixelContrastTerm(head, self.label_manager.foreground_labels, self.temperature,
                                            self.pixels_per_class, self.inter_image, build_sampler(self.pixel_sampler),
-                                           self.min_confidence)}
+                                           self.min_confidence),
+                "plce": PseudoLabelCETerm(self.pseudo_label_ce_confidence)}
 
     # ------------------------------------------------------------------ pseudo-labels
     @property
@@ -153,7 +163,8 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
             self.pseudo_label_stats = {}
             return {}
         self.ensure_pseudo_labels(r)
-        return {"pseudo_labels": self.pseudo_label_store.source(r, confidence=self.min_confidence > 0)}
+        confidence = self.min_confidence > 0 or (self.pseudo_label_ce_weight > 0 and self.pseudo_label_ce_confidence > 0)
+        return {"pseudo_labels": self.pseudo_label_store.source(r, confidence=confidence)}
 
 
 # ---------------------------------------------------------------------------------------------------- variants
@@ -176,3 +187,8 @@ class nnUNetTrainerPLConSG(nnUNetTrainerPLCon):
 class nnUNetTrainerPLConLongWarmup(nnUNetTrainerPLCon):
     """Half of the run as supervised warm-up, so round 1's pseudo-labels come from a more trained network."""
     warmup_fraction = 0.5
+
+
+class nnUNetTrainerPLConSelfTrain(nnUNetTrainerPLCon):
+    """Rounds add CE on the unlabeled rows' pseudo-labels (pixels with confidence >= 0.9), i.e. self-training."""
+    pseudo_label_ce_weight = 1.0

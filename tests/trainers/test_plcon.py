@@ -47,6 +47,13 @@ def test_stages_follow_the_run_length(monkeypatch):
 
     assert [(s.name, s.epochs) for s in nnUNetTrainerPLConLongWarmup.declare_stages()] == [
         ("warmup", 5), ("round1", 2), ("round2", 2), ("round3", 1)]
+    from nnunet_contrastive.trainers import nnUNetTrainerPLConSelfTrain
+
+    st = nnUNetTrainerPLConSelfTrain.declare_stages()
+    assert st[0].term_names == ["sup"]  # the warm-up has no pseudo-labels yet
+    for s in st[1:]:  # every round adds CE on the unlabeled rows' pseudo-labels
+        assert [(u.term, u.rows, u.weight) for u in s.terms] == [("sup", "labeled", 1.0), ("plcon", "all", 0.1),
+                                                                ("plce", "unlabeled", 1.0)]
 
 
 def test_rounds_estimate_resume_mid_estimation_and_never_recompute(in_process):
@@ -180,3 +187,22 @@ def test_plcon_cli_train_predict_evaluate(phantom_prepared):
         assert os.path.isfile(os.path.join(fold, f)), f
     dice = predict_and_dice(prepared, "nnUNetTrainerPLCon", env, out_name="pred_plcon")
     assert dice > 0.05
+
+
+def test_selftrain_rounds_add_ce_on_confident_pseudo_labels(in_process):
+    t = build_trainer(in_process, "nnUNetTrainerPLConSelfTrain")
+    t.initialize()
+    t.on_train_start()  # warm-up: no pseudo-labels, no plce
+    t.train_step(next(t.dataloader_train))
+    assert "plce_loss" not in t._epoch_stats
+    t.current_epoch = 1
+    t.on_epoch_start()  # round 1: the loader carries the confidence the CE filters on
+    batch = next(t.dataloader_train)
+    assert "pseudo_confidence" in batch
+    out = t.train_step(batch)
+    assert np.isfinite(out["loss"])
+    plce, kept = float(t._epoch_stats["plce_loss"][0]), float(t._epoch_stats["plce_kept"][0])
+    conf = batch["pseudo_confidence"][~torch.as_tensor(np.asarray(batch["labeled"]))].float()
+    assert np.isfinite(plce) and plce >= 0
+    assert kept == pytest.approx(float((conf >= 0.9).float().mean()), abs=1e-6)
+    t._finish_loaders()

@@ -1,0 +1,64 @@
+"""Cross-entropy of the student on the stored pseudo-labels of unlabeled rows (self-training's own supervision).
+
+Reads ``batch["pseudo_target"]`` (the pseudo-label route of the loader: nnU-Net's prediction of the previous round,
+carried through the same augmentation as the image) and, with ``min_confidence > 0``, ``batch["pseudo_confidence"]``
+(the prediction's largest softmax probability): pixels below it, and pixels without a pseudo-label (-1), are left
+out. Loss = mean cross-entropy of the student's full-resolution logits over the kept pixels of the rows (0 with a
+zero gradient when none is kept, so a stage never stops on a batch of uncertain pixels).
+
+Chaitanya et al. 2021 (Table II) found Dice/CE on pseudo-labels worse than the pixel contrast alone in their
+setting, so nnUNetTrainerPLCon does not use this term; the variant nnUNetTrainerPLConSelfTrain adds it, to be
+compared on validation (self-training with confidence-filtered pseudo-labels is the supervision of the unlabeled
+rows in the frameworks ARCO and MONA build on).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nnunet_contrastive.terms.base import LossTerm
+
+__all__ = ["PseudoLabelCETerm", "confident_pseudo_labels"]
+
+
+def confident_pseudo_labels(pseudo: torch.Tensor, confidence: torch.Tensor | None, min_confidence: float):
+    """(N, *S) int64 pseudo-labels with -1 where ``confidence`` < ``min_confidence`` (``confidence`` may be None
+    when ``min_confidence`` is 0)."""
+    pseudo = pseudo.long()
+    if min_confidence <= 0:
+        return pseudo
+    if confidence is None:
+        raise KeyError("min_confidence > 0 needs the loader's pseudo_confidence (pseudo-label route with confidence)")
+    return torch.where(confidence >= min_confidence, pseudo, torch.full_like(pseudo, -1))
+
+
+class PseudoLabelCETerm(LossTerm):
+    """Args: min_confidence (pixels whose pseudo-label confidence is below it are ignored; 0: every pixel)."""
+
+    def __init__(self, min_confidence: float = 0.0):
+        super().__init__()
+        self.min_confidence = float(min_confidence)
+
+    def forward(self, ctx, rows: str = "unlabeled"):
+        if ctx.num_rows(rows) == 0:
+            return None
+        batch = ctx.batch
+        if "pseudo_target" not in batch:
+            raise KeyError(f"{self.name}: the batch has no pseudo_target: the stage's loader must carry pseudo-labels "
+                           f"(the trainer's loader_options must return a PseudoLabelSource)")
+        idx = ctx.rows(rows)
+        logits = ctx.forward("student", 0, rows).logits  # (n, C, *S), full resolution
+        pl = batch["pseudo_target"].to(ctx.device)[:, 0]
+        conf = batch.get("pseudo_confidence")
+        conf = None if conf is None else conf.to(ctx.device)[:, 0]
+        if idx is not None:
+            pl = pl[idx]
+            conf = None if conf is None else conf[idx]
+        target = confident_pseudo_labels(pl, conf, self.min_confidence)
+        if target.shape != logits.shape[:1] + logits.shape[2:]:
+            raise ValueError(f"{self.name}: pseudo-labels {tuple(target.shape)} do not match the logits "
+                             f"{tuple(logits.shape)}")
+        kept = (target >= 0).float()
+        ce = F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")  # no device sync per step
+        loss = (ce * kept).sum() / kept.sum().clamp(min=1.0)
+        return loss, {f"{self.name}_kept": kept.mean().detach()}

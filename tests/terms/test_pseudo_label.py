@@ -1,0 +1,95 @@
+"""PseudoLabelCETerm: cross-entropy on unlabeled rows' confident pseudo-labels, against a NumPy reference."""
+import numpy as np
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+from nnunet_contrastive.framework.context import StepContext
+from nnunet_contrastive.terms.pseudo_label import PseudoLabelCETerm, confident_pseudo_labels
+
+
+def _net():
+    torch.manual_seed(0)
+    return PlainConvUNet(1, 2, (8, 16), torch.nn.Conv2d, 3, (1, 2), 2, 3, (2,), True, torch.nn.InstanceNorm2d,
+                         {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU, {"inplace": True},
+                         deep_supervision=True)
+
+
+def _batch(min_conf_fill=None):
+    g = torch.Generator().manual_seed(3)
+    pl = torch.randint(0, 3, (4, 1, 8, 8), generator=g).to(torch.int16)
+    pl[:2] = -1  # labeled rows carry no pseudo-label
+    pl[2, 0, 0, :4] = -1  # outside the image
+    conf = torch.rand(4, 1, 8, 8, generator=g).to(torch.float16)
+    if min_conf_fill is not None:
+        conf.fill_(min_conf_fill)
+    return {"data": torch.randn(4, 1, 8, 8, generator=g), "labeled": torch.tensor([True, True, False, False]),
+            "target": [torch.zeros(4, 1, 8, 8)], "pseudo_target": pl, "pseudo_confidence": conf}
+
+
+def _reference(logits: np.ndarray, pl: np.ndarray, conf: np.ndarray, min_conf: float) -> float:
+    """Mean over kept pixels of -log softmax(logits)[label], in float64."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    total, count = 0.0, 0
+    for n in range(pl.shape[0]):
+        for y in range(pl.shape[1]):
+            for x in range(pl.shape[2]):
+                c = pl[n, y, x]
+                if c < 0 or (min_conf > 0 and conf[n, y, x] < min_conf):
+                    continue
+                total -= logp[n, c, y, x]
+                count += 1
+    return total / max(count, 1)
+
+
+@pytest.mark.parametrize("min_conf", [0.0, 0.5])
+def test_matches_numpy_reference_on_unlabeled_rows_only(min_conf):
+    net, batch = _net(), _batch()
+    term = PseudoLabelCETerm(min_conf)
+    ctx = StepContext(batch, torch.device("cpu"), net)
+    loss, stats = term(ctx, "unlabeled")
+    logits = ctx.forward("student", 0).logits.detach().double().numpy()[2:]
+    pl = batch["pseudo_target"].numpy()[2:, 0].astype(np.int64)
+    conf = batch["pseudo_confidence"].float().numpy()[2:, 0]
+    assert float(loss.detach()) == pytest.approx(_reference(logits, pl, conf, min_conf), rel=1e-5)
+    kept = (pl >= 0) & ((conf >= min_conf) if min_conf > 0 else True)
+    assert float(stats["PseudoLabelCETerm_kept"]) == pytest.approx(kept.mean())
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_gradient_only_through_unlabeled_rows():
+    net, batch = _net(), _batch()
+    x = batch["data"].clone().requires_grad_(True)
+    batch["data"] = x
+    net.eval()  # instance norm per row: rows do not mix
+    loss, _ = PseudoLabelCETerm()(StepContext(batch, torch.device("cpu"), net), "unlabeled")
+    loss.backward()
+    assert x.grad[:2].abs().sum() == 0 and x.grad[2:].abs().sum() > 0
+
+
+def test_no_confident_pixel_gives_zero_loss_and_zero_gradient():
+    net, batch = _net(), _batch(min_conf_fill=0.3)
+    loss, stats = PseudoLabelCETerm(0.9)(StepContext(batch, torch.device("cpu"), net), "unlabeled")
+    assert float(loss) == 0.0 and float(stats["PseudoLabelCETerm_kept"]) == 0.0
+    loss.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.parameters())
+
+
+def test_no_unlabeled_row_or_no_pseudo_labels():
+    net = _net()
+    batch = {**_batch(), "labeled": torch.ones(4, dtype=torch.bool)}
+    assert PseudoLabelCETerm()(StepContext(batch, torch.device("cpu"), net), "unlabeled") is None
+    batch = _batch()
+    del batch["pseudo_target"]
+    with pytest.raises(KeyError, match="pseudo_target"):
+        PseudoLabelCETerm()(StepContext(batch, torch.device("cpu"), net), "unlabeled")
+
+
+def test_confidence_filter_needs_confidence():
+    pl = torch.tensor([[0, 1, 2]])
+    assert torch.equal(confident_pseudo_labels(pl, None, 0.0), pl)
+    assert confident_pseudo_labels(pl, torch.tensor([[0.95, 0.5, 0.9]]), 0.9).tolist() == [[0, -1, 2]]
+    with pytest.raises(KeyError, match="pseudo_confidence"):
+        confident_pseudo_labels(pl, None, 0.9)
