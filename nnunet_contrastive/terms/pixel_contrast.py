@@ -25,6 +25,7 @@ from torch import nn
 from nnunet_contrastive.components.samplers import NSSampler, PixelSampler
 from nnunet_contrastive.losses.pixel_contrast import pixel_contrast_loss, random_partners
 from nnunet_contrastive.terms.base import LossTerm
+from nnunet_contrastive.terms.pseudo_label import confident_pseudo_labels
 
 __all__ = ["PixelEmbeddingHead", "PixelContrastTerm"]
 
@@ -82,13 +83,9 @@ class PixelContrastTerm(LossTerm):
         labeled = ctx.labeled.to(ctx.device)
         shape = (-1,) + (1,) * (gt.dim() - 1)
         if "pseudo_target" in batch:
-            pl = batch["pseudo_target"].to(ctx.device)[:, 0].long()
-            if self.min_confidence > 0:
-                if "pseudo_confidence" not in batch:
-                    raise KeyError("min_confidence > 0 needs the loader's pseudo_confidence (pseudo-label route "
-                                   "with confidence)")
-                conf = batch["pseudo_confidence"].to(ctx.device)[:, 0]
-                pl = torch.where(conf >= self.min_confidence, pl, torch.full_like(pl, -1))
+            conf = batch.get("pseudo_confidence")
+            pl = confident_pseudo_labels(batch["pseudo_target"].to(ctx.device)[:, 0],
+                                         None if conf is None else conf.to(ctx.device)[:, 0], self.min_confidence)
         else:
             pl = torch.full_like(gt, -1)
         lab = torch.where(labeled.view(shape), gt, pl)
