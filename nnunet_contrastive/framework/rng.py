@@ -60,8 +60,7 @@ def restore_rng_state(state: dict) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((int(version), tuple(int(x) for x in internal), gauss_next))
     n = state["numpy"]
-    keys = n["keys"].cpu().numpy() if torch.is_tensor(n["keys"]) else np.asarray(n["keys"])
-    np.random.set_state((n["kind"], keys.astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
+    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
                          float(n["cached_gaussian"])))
     torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
     cuda = state.get("cuda")

@@ -25,7 +25,7 @@ from torch import nn
 from nnunet_contrastive.components.samplers import NSSampler, PixelSampler
 from nnunet_contrastive.losses.pixel_contrast import pixel_contrast_loss, random_partners
 from nnunet_contrastive.terms.base import LossTerm
-from nnunet_contrastive.terms.pseudo_label import confident_pseudo_labels
+from nnunet_contrastive.terms.pseudo_label import batch_pseudo_labels
 
 __all__ = ["PixelEmbeddingHead", "PixelContrastTerm"]
 
@@ -83,9 +83,7 @@ class PixelContrastTerm(LossTerm):
         labeled = ctx.labeled.to(ctx.device)
         shape = (-1,) + (1,) * (gt.dim() - 1)
         if "pseudo_target" in batch:
-            conf = batch.get("pseudo_confidence")
-            pl = confident_pseudo_labels(batch["pseudo_target"].to(ctx.device)[:, 0],
-                                         None if conf is None else conf.to(ctx.device)[:, 0], self.min_confidence)
+            pl = batch_pseudo_labels(batch, ctx.device, self.min_confidence)
         else:
             pl = torch.full_like(gt, -1)
         lab = torch.where(labeled.view(shape), gt, pl)

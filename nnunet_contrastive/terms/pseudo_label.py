@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from nnunet_contrastive.terms.base import LossTerm
 
-__all__ = ["PseudoLabelCETerm", "confident_pseudo_labels"]
+__all__ = ["PseudoLabelCETerm", "confident_pseudo_labels", "batch_pseudo_labels"]
 
 
 def confident_pseudo_labels(pseudo: torch.Tensor, confidence: torch.Tensor | None, min_confidence: float):
@@ -30,6 +30,14 @@ def confident_pseudo_labels(pseudo: torch.Tensor, confidence: torch.Tensor | Non
     if confidence is None:
         raise KeyError("min_confidence > 0 needs the loader's pseudo_confidence (pseudo-label route with confidence)")
     return torch.where(confidence >= min_confidence, pseudo, torch.full_like(pseudo, -1))
+
+
+def batch_pseudo_labels(batch: dict, device, min_confidence: float) -> torch.Tensor:
+    """(N, *S) int64 pseudo-labels of every row of a batch of the pseudo-label route (-1: none, or below
+    ``min_confidence``)."""
+    conf = batch.get("pseudo_confidence")
+    return confident_pseudo_labels(batch["pseudo_target"].to(device)[:, 0],
+                                   None if conf is None else conf.to(device)[:, 0], min_confidence)
 
 
 class PseudoLabelCETerm(LossTerm):
@@ -48,13 +56,8 @@ class PseudoLabelCETerm(LossTerm):
                            f"(the trainer's loader_options must return a PseudoLabelSource)")
         idx = ctx.rows(rows)
         logits = ctx.forward("student", 0, rows).logits  # (n, C, *S), full resolution
-        pl = batch["pseudo_target"].to(ctx.device)[:, 0]
-        conf = batch.get("pseudo_confidence")
-        conf = None if conf is None else conf.to(ctx.device)[:, 0]
-        if idx is not None:
-            pl = pl[idx]
-            conf = None if conf is None else conf[idx]
-        target = confident_pseudo_labels(pl, conf, self.min_confidence)
+        target = batch_pseudo_labels(batch, ctx.device, self.min_confidence)
+        target = target if idx is None else target[idx]
         if target.shape != logits.shape[:1] + logits.shape[2:]:
             raise ValueError(f"{self.name}: pseudo-labels {tuple(target.shape)} do not match the logits "
                              f"{tuple(logits.shape)}")
