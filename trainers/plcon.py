@@ -29,7 +29,10 @@ class present (our batches are nnU-Net's, and absent classes are left out).
 
 Variant ``nnUNetTrainerPLConSelfTrain`` (``pseudo_label_ce_weight`` > 0) adds cross-entropy on the unlabeled rows'
 pseudo-labels (confident pixels only; nnunet_contrastive.terms.pseudo_label), which the paper leaves out, as a
-candidate to compare on validation.
+candidate to compare on validation. It trusts the round's pseudo-labels: measured, it gained on hippocampus with
+one labeled volume (first pseudo-labels at 0.41-0.60 validation Dice) and collapsed to predicting background on
+ACDC with one labeled patient (first pseudo-labels at 0.27, most confident pixels background). Watch
+``plcon_val_dice`` in the log before relying on it (README, Results).
 
 Observability (log, progress_contrastive.png): ``plcon_loss``, ``plcon_anchors_c<k>``, ``plcon_images``, and per
 round ``plcon_round``, ``plcon_changed`` (fraction of unlabeled pixels whose pseudo-label changed at this
