@@ -12,7 +12,8 @@ from nnunet_contrastive.trainers.global_local import (nnUNetTrainerGlobalLocal, 
 from nnunet_contrastive.trainers.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_contrastive.trainers.plcon import (nnUNetTrainerPLCon, nnUNetTrainerPLConConfident,
                                                nnUNetTrainerPLConIntra, nnUNetTrainerPLConLongWarmup,
-                                               nnUNetTrainerPLConSelfTrain, nnUNetTrainerPLConSG)
+                                               nnUNetTrainerPLConSelfTrain,
+                                               nnUNetTrainerPLConSelfTrainBalanced, nnUNetTrainerPLConSG)
 from nnunet_contrastive.trainers.spcon import (nnUNetTrainerSPCon, nnUNetTrainerSPConHard,
                                                nnUNetTrainerSPConPatient, nnUNetTrainerSPConPhase,
                                                nnUNetTrainerSPConPaperBatch, nnUNetTrainerSPConPosition,
@@ -51,4 +52,5 @@ __all__ = [
     "nnUNetTrainerPLConSG",
     "nnUNetTrainerPLConLongWarmup",
     "nnUNetTrainerPLConSelfTrain",
+    "nnUNetTrainerPLConSelfTrainBalanced",
 ]

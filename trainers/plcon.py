@@ -32,7 +32,9 @@ pseudo-labels (confident pixels only; nnunet_contrastive.terms.pseudo_label), wh
 candidate to compare on validation. It trusts the round's pseudo-labels: measured, it gained on hippocampus with
 one labeled volume (first pseudo-labels at 0.41-0.60 validation Dice) and collapsed to predicting background on
 ACDC with one labeled patient (first pseudo-labels at 0.27, most confident pixels background). Watch
-``plcon_val_dice`` in the log before relying on it (README, Results).
+``plcon_val_dice`` in the log before relying on it (README, Results). ``nnUNetTrainerPLConSelfTrainBalanced``
+averages that CE per pseudo-label class instead of per pixel, the candidate against that collapse (not measured
+yet).
 
 Observability (log, progress_contrastive.png): ``plcon_loss``, ``plcon_anchors_c<k>``, ``plcon_images``, and per
 round ``plcon_round``, ``plcon_changed`` (fraction of unlabeled pixels whose pseudo-label changed at this
@@ -48,12 +50,12 @@ from nnunet_contrastive.data.pseudo_labels import PseudoLabelStore, estimate_rou
 from nnunet_contrastive.framework.stages import LoaderSpec, Stage, Use
 from nnunet_contrastive.terms import SupervisedTerm
 from nnunet_contrastive.terms.pixel_contrast import PixelContrastTerm, PixelEmbeddingHead
-from nnunet_contrastive.terms.pseudo_label import PseudoLabelCETerm
+from nnunet_contrastive.terms.pseudo_label import PseudoLabelCETerm, class_balanced_mean, pixel_mean
 from nnunet_contrastive.trainers.base import SCHEDULE_ENV
 from nnunet_contrastive.trainers.staged import DEFAULT_NUM_EPOCHS, nnUNetTrainerStaged
 
 __all__ = ["nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConConfident", "nnUNetTrainerPLConSG",
-           "nnUNetTrainerPLConLongWarmup", "nnUNetTrainerPLConSelfTrain"]
+           "nnUNetTrainerPLConLongWarmup", "nnUNetTrainerPLConSelfTrain", "nnUNetTrainerPLConSelfTrainBalanced"]
 
 
 class nnUNetTrainerPLCon(nnUNetTrainerStaged):
@@ -73,6 +75,7 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
     pseudo_label_mirroring = False  # test-time mirroring of the estimation (nnU-Net's predictor)
     pseudo_label_ce_weight = 0.0  # > 0: + weight x CE on the pseudo-labels of unlabeled rows (paper: none, Table II)
     pseudo_label_ce_confidence = 0.9  # pixels below this pseudo-label confidence are left out of that CE
+    pseudo_label_ce_class_balanced = False  # True: that CE averages per-class means (terms.pseudo_label)
 
     # ------------------------------------------------------------------ declarations
     @classmethod
@@ -106,7 +109,8 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
                 "plcon": PixelContrastTerm(head, self.label_manager.foreground_labels, self.temperature,
                                            self.pixels_per_class, self.inter_image, build_sampler(self.pixel_sampler),
                                            self.min_confidence),
-                "plce": PseudoLabelCETerm(self.pseudo_label_ce_confidence)}
+                "plce": PseudoLabelCETerm(self.pseudo_label_ce_confidence,
+                                          class_balanced_mean if self.pseudo_label_ce_class_balanced else pixel_mean)}
 
     # ------------------------------------------------------------------ pseudo-labels
     @property
@@ -195,3 +199,8 @@ class nnUNetTrainerPLConLongWarmup(nnUNetTrainerPLCon):
 class nnUNetTrainerPLConSelfTrain(nnUNetTrainerPLCon):
     """Rounds add CE on the unlabeled rows' pseudo-labels (pixels with confidence >= 0.9), i.e. self-training."""
     pseudo_label_ce_weight = 1.0
+
+
+class nnUNetTrainerPLConSelfTrainBalanced(nnUNetTrainerPLConSelfTrain):
+    """Self-training whose pseudo-label CE averages per-class means, so confident background cannot dominate it."""
+    pseudo_label_ce_class_balanced = True

@@ -3,8 +3,11 @@
 Reads ``batch["pseudo_target"]`` (the pseudo-label route of the loader: nnU-Net's prediction of the previous round,
 carried through the same augmentation as the image) and, with ``min_confidence > 0``, ``batch["pseudo_confidence"]``
 (the prediction's largest softmax probability): pixels below it, and pixels without a pseudo-label (-1), are left
-out. Loss = mean cross-entropy of the student's full-resolution logits over the kept pixels of the rows (0 with a
-zero gradient when none is kept, so a stage never stops on a batch of uncertain pixels).
+out. Loss = cross-entropy of the student's full-resolution logits over the kept pixels of the rows, reduced by
+``reduction``: ``pixel_mean`` (every kept pixel weighs the same) or ``class_balanced_mean`` (the mean over the
+pseudo-label classes present among the kept pixels of each class's mean, so confident background cannot outweigh
+the few confident foreground pixels). 0 with a zero gradient when none is kept, so a stage never stops on a batch
+of uncertain pixels.
 
 Chaitanya et al. 2021 (Table II) found Dice/CE on pseudo-labels worse than the pixel contrast alone in their
 setting, so nnUNetTrainerPLCon does not use this term; the variant nnUNetTrainerPLConSelfTrain adds it, to be
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 
 from nnunet_contrastive.terms.base import LossTerm
 
-__all__ = ["PseudoLabelCETerm", "confident_pseudo_labels", "batch_pseudo_labels"]
+__all__ = ["PseudoLabelCETerm", "confident_pseudo_labels", "batch_pseudo_labels", "pixel_mean", "class_balanced_mean"]
 
 
 def confident_pseudo_labels(pseudo: torch.Tensor, confidence: torch.Tensor | None, min_confidence: float):
@@ -40,12 +43,31 @@ def batch_pseudo_labels(batch: dict, device, min_confidence: float) -> torch.Ten
                                    None if conf is None else conf.to(device)[:, 0], min_confidence)
 
 
-class PseudoLabelCETerm(LossTerm):
-    """Args: min_confidence (pixels whose pseudo-label confidence is below it are ignored; 0: every pixel)."""
+def pixel_mean(ce: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean of ``ce`` (n, *S) over the pixels with ``target`` (n, *S) >= 0 (0 when there are none)."""
+    kept = (target >= 0).to(ce.dtype)
+    return (ce * kept).sum() / kept.sum().clamp(min=1.0)
 
-    def __init__(self, min_confidence: float = 0.0):
+
+def class_balanced_mean(ce: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean over the classes present in ``target`` (n, *S; -1 ignored) of the mean of ``ce`` over that class's
+    pixels (0 when no pixel is kept). Written without indexing by data, so no device synchronisation."""
+    kept = (target >= 0).to(ce.dtype).flatten()
+    cls = target.clamp(min=0).flatten()
+    sums = ce.new_zeros(num_classes).index_add_(0, cls, ce.flatten() * kept)
+    counts = ce.new_zeros(num_classes).index_add_(0, cls, kept)
+    present = (counts > 0).to(ce.dtype)
+    return (sums / counts.clamp(min=1.0) * present).sum() / present.sum().clamp(min=1.0)
+
+
+class PseudoLabelCETerm(LossTerm):
+    """Args: min_confidence (pixels whose pseudo-label confidence is below it are ignored; 0: every pixel);
+    reduction (``pixel_mean`` or ``class_balanced_mean``, or any ``f(ce, target, num_classes) -> scalar``)."""
+
+    def __init__(self, min_confidence: float = 0.0, reduction=pixel_mean):
         super().__init__()
         self.min_confidence = float(min_confidence)
+        self.reduction = reduction
 
     def forward(self, ctx, rows: str = "unlabeled"):
         if ctx.num_rows(rows) == 0:
@@ -61,7 +83,6 @@ class PseudoLabelCETerm(LossTerm):
         if target.shape != logits.shape[:1] + logits.shape[2:]:
             raise ValueError(f"{self.name}: pseudo-labels {tuple(target.shape)} do not match the logits "
                              f"{tuple(logits.shape)}")
-        kept = (target >= 0).float()
         ce = F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")  # no device sync per step
-        loss = (ce * kept).sum() / kept.sum().clamp(min=1.0)
-        return loss, {f"{self.name}_kept": kept.mean().detach()}
+        loss = self.reduction(ce, target, logits.shape[1])
+        return loss, {f"{self.name}_kept": (target >= 0).float().mean().detach()}

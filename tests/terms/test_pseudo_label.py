@@ -5,7 +5,8 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 from nnunet_contrastive.framework.context import StepContext
-from nnunet_contrastive.terms.pseudo_label import PseudoLabelCETerm, confident_pseudo_labels
+from nnunet_contrastive.terms.pseudo_label import (PseudoLabelCETerm, class_balanced_mean, confident_pseudo_labels,
+                                                   pixel_mean)
 
 
 def _net():
@@ -27,20 +28,57 @@ def _batch(min_conf_fill=None):
             "target": [torch.zeros(4, 1, 8, 8)], "pseudo_target": pl, "pseudo_confidence": conf}
 
 
-def _reference(logits: np.ndarray, pl: np.ndarray, conf: np.ndarray, min_conf: float) -> float:
-    """Mean over kept pixels of -log softmax(logits)[label], in float64."""
+def _kept_pixel_ce(logits: np.ndarray, pl: np.ndarray, conf: np.ndarray, min_conf: float) -> list:
+    """[(class, -log softmax(logits)[class])] of every kept pixel, in float64, by explicit loops."""
     z = logits - logits.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    total, count = 0.0, 0
+    out = []
     for n in range(pl.shape[0]):
         for y in range(pl.shape[1]):
             for x in range(pl.shape[2]):
                 c = pl[n, y, x]
                 if c < 0 or (min_conf > 0 and conf[n, y, x] < min_conf):
                     continue
-                total -= logp[n, c, y, x]
-                count += 1
-    return total / max(count, 1)
+                out.append((c, -logp[n, c, y, x]))
+    return out
+
+
+def _reference(logits: np.ndarray, pl: np.ndarray, conf: np.ndarray, min_conf: float) -> float:
+    """Mean over kept pixels of -log softmax(logits)[label]."""
+    kept = _kept_pixel_ce(logits, pl, conf, min_conf)
+    return sum(v for _, v in kept) / max(len(kept), 1)
+
+
+def _reference_balanced(logits: np.ndarray, pl: np.ndarray, conf: np.ndarray, min_conf: float) -> float:
+    """Mean over the classes among the kept pixels of each class's mean -log softmax(logits)[label]."""
+    per_class = {}
+    for c, v in _kept_pixel_ce(logits, pl, conf, min_conf):
+        per_class.setdefault(c, []).append(v)
+    return float(np.mean([np.mean(v) for v in per_class.values()])) if per_class else 0.0
+
+
+@pytest.mark.parametrize("min_conf", [0.0, 0.5])
+def test_class_balanced_matches_numpy_reference(min_conf):
+    net, batch = _net(), _batch()
+    ctx = StepContext(batch, torch.device("cpu"), net)
+    loss, _ = PseudoLabelCETerm(min_conf, class_balanced_mean)(ctx, "unlabeled")
+    logits = ctx.forward("student", 0).logits.detach().double().numpy()[2:]
+    pl = batch["pseudo_target"].numpy()[2:, 0].astype(np.int64)
+    conf = batch["pseudo_confidence"].float().numpy()[2:, 0]
+    ref = _reference_balanced(logits, pl, conf, min_conf)
+    assert float(loss.detach()) == pytest.approx(ref, rel=1e-5)
+    assert ref != pytest.approx(_reference(logits, pl, conf, min_conf), rel=1e-3)  # the two reductions differ here
+
+
+def test_class_balanced_ignores_class_frequencies():
+    # per-pixel CE constant within a class: the balanced mean is the mean of the constants whatever the counts,
+    # the pixel mean follows the counts (99 background pixels at 0.1, one foreground pixel at 5.0)
+    target = torch.tensor([[0] * 99 + [2] + [-1] * 5])
+    ce = torch.tensor([[0.1] * 99 + [5.0] + [100.0] * 5])
+    assert float(class_balanced_mean(ce, target, 3)) == pytest.approx((0.1 + 5.0) / 2)
+    assert float(pixel_mean(ce, target, 3)) == pytest.approx((99 * 0.1 + 5.0) / 100)
+    none = torch.full_like(target, -1)
+    assert float(class_balanced_mean(ce, none, 3)) == 0.0 and float(pixel_mean(ce, none, 3)) == 0.0
 
 
 @pytest.mark.parametrize("min_conf", [0.0, 0.5])
@@ -69,9 +107,10 @@ def test_gradient_only_through_unlabeled_rows():
     assert x.grad[:2].abs().sum() == 0 and x.grad[2:].abs().sum() > 0
 
 
-def test_no_confident_pixel_gives_zero_loss_and_zero_gradient():
+@pytest.mark.parametrize("reduction", [pixel_mean, class_balanced_mean])
+def test_no_confident_pixel_gives_zero_loss_and_zero_gradient(reduction):
     net, batch = _net(), _batch(min_conf_fill=0.3)
-    loss, stats = PseudoLabelCETerm(0.9)(StepContext(batch, torch.device("cpu"), net), "unlabeled")
+    loss, stats = PseudoLabelCETerm(0.9, reduction)(StepContext(batch, torch.device("cpu"), net), "unlabeled")
     assert float(loss) == 0.0 and float(stats["PseudoLabelCETerm_kept"]) == 0.0
     loss.backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.parameters())

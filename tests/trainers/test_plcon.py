@@ -189,9 +189,12 @@ def test_plcon_cli_train_predict_evaluate(phantom_prepared):
     assert dice > 0.05
 
 
-def test_selftrain_rounds_add_ce_on_confident_pseudo_labels(in_process):
-    t = build_trainer(in_process, "nnUNetTrainerPLConSelfTrain")
+@pytest.mark.parametrize("trainer,reduction", [("nnUNetTrainerPLConSelfTrain", "pixel_mean"),
+                                               ("nnUNetTrainerPLConSelfTrainBalanced", "class_balanced_mean")])
+def test_selftrain_rounds_add_ce_on_confident_pseudo_labels(in_process, trainer, reduction):
+    t = build_trainer(in_process, trainer)
     t.initialize()
+    assert t.terms["plce"].reduction.__name__ == reduction
     t.on_train_start()  # warm-up: no pseudo-labels, no plce
     t.train_step(next(t.dataloader_train))
     assert "plce_loss" not in t._epoch_stats
