@@ -13,7 +13,8 @@ from nnunet_contrastive.trainers.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_contrastive.trainers.plcon import (nnUNetTrainerPLCon, nnUNetTrainerPLConConfident,
                                                nnUNetTrainerPLConIntra, nnUNetTrainerPLConLongWarmup,
                                                nnUNetTrainerPLConSelfTrain,
-                                               nnUNetTrainerPLConSelfTrainBalanced, nnUNetTrainerPLConSG)
+                                               nnUNetTrainerPLConSelfTrainBalanced,
+                                               nnUNetTrainerPLConSelfTrainLongWarmup, nnUNetTrainerPLConSG)
 from nnunet_contrastive.trainers.spcon import (nnUNetTrainerSPCon, nnUNetTrainerSPConHard,
                                                nnUNetTrainerSPConPatient, nnUNetTrainerSPConPhase,
                                                nnUNetTrainerSPConPaperBatch, nnUNetTrainerSPConPosition,
@@ -53,4 +54,5 @@ __all__ = [
     "nnUNetTrainerPLConLongWarmup",
     "nnUNetTrainerPLConSelfTrain",
     "nnUNetTrainerPLConSelfTrainBalanced",
+    "nnUNetTrainerPLConSelfTrainLongWarmup",
 ]

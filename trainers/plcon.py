@@ -33,8 +33,10 @@ candidate to compare on validation. It trusts the round's pseudo-labels: measure
 one labeled volume (first pseudo-labels at 0.41-0.60 validation Dice) and collapsed to predicting background on
 ACDC with one labeled patient (first pseudo-labels at 0.27, most confident pixels background). Watch
 ``plcon_val_dice`` in the log before relying on it (README, Results). ``nnUNetTrainerPLConSelfTrainBalanced``
-averages that CE per pseudo-label class instead of per pixel, the candidate against that collapse (not measured
-yet).
+averages that CE per pseudo-label class instead of per pixel; ``nnUNetTrainerPLConSelfTrainLongWarmup`` starts the
+rounds after half of the run (FewLabels' validation curve at one labeled patient flattens after about 40 % of the
+ACDC budget), so the first pseudo-labels come from a supervised network near its plateau. Both are candidates
+against that collapse (README, Results).
 
 Observability (log, progress_contrastive.png): ``plcon_loss``, ``plcon_anchors_c<k>``, ``plcon_images``, and per
 round ``plcon_round``, ``plcon_changed`` (fraction of unlabeled pixels whose pseudo-label changed at this
@@ -55,7 +57,8 @@ from nnunet_contrastive.trainers.base import SCHEDULE_ENV
 from nnunet_contrastive.trainers.staged import DEFAULT_NUM_EPOCHS, nnUNetTrainerStaged
 
 __all__ = ["nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConConfident", "nnUNetTrainerPLConSG",
-           "nnUNetTrainerPLConLongWarmup", "nnUNetTrainerPLConSelfTrain", "nnUNetTrainerPLConSelfTrainBalanced"]
+           "nnUNetTrainerPLConLongWarmup", "nnUNetTrainerPLConSelfTrain", "nnUNetTrainerPLConSelfTrainBalanced",
+           "nnUNetTrainerPLConSelfTrainLongWarmup"]
 
 
 class nnUNetTrainerPLCon(nnUNetTrainerStaged):
@@ -204,3 +207,8 @@ class nnUNetTrainerPLConSelfTrain(nnUNetTrainerPLCon):
 class nnUNetTrainerPLConSelfTrainBalanced(nnUNetTrainerPLConSelfTrain):
     """Self-training whose pseudo-label CE averages per-class means, so confident background cannot dominate it."""
     pseudo_label_ce_class_balanced = True
+
+
+class nnUNetTrainerPLConSelfTrainLongWarmup(nnUNetTrainerPLConSelfTrain):
+    """Self-training after half of the run as supervised warm-up, so it starts from more useful pseudo-labels."""
+    warmup_fraction = 0.5

@@ -54,6 +54,11 @@ def test_stages_follow_the_run_length(monkeypatch):
     for s in st[1:]:  # every round adds CE on the unlabeled rows' pseudo-labels
         assert [(u.term, u.rows, u.weight) for u in s.terms] == [("sup", "labeled", 1.0), ("plcon", "all", 0.1),
                                                                 ("plce", "unlabeled", 1.0)]
+    from nnunet_contrastive.trainers import nnUNetTrainerPLConSelfTrainLongWarmup
+
+    lw = nnUNetTrainerPLConSelfTrainLongWarmup.declare_stages()  # half the run as warm-up, then the same rounds
+    assert [(s.name, s.epochs) for s in lw] == [("warmup", 5), ("round1", 2), ("round2", 2), ("round3", 1)]
+    assert [[u.term for u in s.terms] for s in lw[1:]] == [["sup", "plcon", "plce"]] * 3
 
 
 def test_rounds_estimate_resume_mid_estimation_and_never_recompute(in_process):
