@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from nnunet_contrastive.losses.core import info_nce, masked_pixel_sums
+from nnunet_contrastive.losses.core import class_averaged_mean, info_nce, masked_pixel_sums
 
 __all__ = ["arco_valid_mask", "class_means", "arco_contrast", "ARCOOutput", "ClassKeyMemory", "entropy_percent_at",
            "ARCO_TEMPERATURE"]
@@ -155,12 +155,7 @@ def arco_contrast(anchors: Tensor, anchor_mask: Tensor, means: Tensor, mean_ok: 
     pos = pos & keep.unsqueeze(1)  # anchors left out have no positive: info_nce skips them
     out = info_nce(flat, all_keys, pos, pos | neg, temperature=temperature)
     per_anchor = out.per_anchor
-    w = keep.to(per_anchor.dtype)
-    n_c = torch.zeros(K, dtype=per_anchor.dtype, device=device).index_add_(0, a_cls, w)
-    s_c = torch.zeros(K, dtype=per_anchor.dtype, device=device).index_add_(0, a_cls, per_anchor * w)
-    used = n_c > 0
-    per_class = s_c / n_c.clamp(min=1)
-    loss = per_class.sum() / used.sum().clamp(min=1).to(per_class.dtype)
+    loss, per_class, used = class_averaged_mean(per_anchor, a_cls, keep.to(per_anchor.dtype), K)
     return ARCOOutput(loss=loss, per_class=per_class, used=used, per_anchor=per_anchor)
 
 

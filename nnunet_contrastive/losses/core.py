@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["similarity", "masked_log_softmax", "info_nce_from_log_prob", "info_nce", "InfoNCEOutput", "InfoNCELoss",
-           "two_view_masks", "label_positive_mask", "WeightFn"]
+           "two_view_masks", "label_positive_mask", "class_averaged_mean", "WeightFn"]
 
 #: ``weight_fn(pair_loss, pos_mask) -> weights``: pair_loss = -log p (detached, broadcast like pos_mask)
 WeightFn = Callable[[Tensor, Tensor], Tensor]
@@ -51,6 +51,19 @@ def masked_pixel_sums(features: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
         flat = features.reshape(b, d, -1).to(_compute_dtype(features))
         m = masks.reshape(b, masks.shape[1], -1)
         return torch.einsum("bkl,bdl->bkd", m.to(flat.dtype), flat), m.sum(-1)
+
+
+def class_averaged_mean(values: Tensor, classes: Tensor, weights: Tensor,
+                        num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean over the classes with weight of each class's weighted mean of ``values``.
+
+    values, weights ``(N,)`` (same dtype), classes long ``(N,)`` in ``[0, num_classes)`` -> (scalar, per-class means
+    ``(num_classes,)`` with 0 for a class without weight, bool ``(num_classes,)`` classes that have weight). The
+    scalar is 0 (still differentiable) when no class has weight. No data-dependent indexing: no device sync."""
+    counts = values.new_zeros(num_classes).index_add_(0, classes, weights)
+    per_class = values.new_zeros(num_classes).index_add_(0, classes, values * weights) / counts.clamp(min=1)
+    used = counts > 0
+    return per_class.sum() / used.sum().clamp(min=1).to(per_class.dtype), per_class, used
 
 
 def similarity(anchors: Tensor, keys: Tensor, temperature: float, normalize: bool = True) -> Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nnunet_contrastive.losses.core import class_averaged_mean
 from nnunet_contrastive.terms.base import LossTerm
 
 __all__ = ["PseudoLabelCETerm", "confident_pseudo_labels", "batch_pseudo_labels", "pixel_mean", "class_balanced_mean"]
@@ -53,11 +54,7 @@ def class_balanced_mean(ce: torch.Tensor, target: torch.Tensor, num_classes: int
     """Mean over the classes present in ``target`` (n, *S; -1 ignored) of the mean of ``ce`` over that class's
     pixels (0 when no pixel is kept). Written without indexing by data, so no device synchronisation."""
     kept = (target >= 0).to(ce.dtype).flatten()
-    cls = target.clamp(min=0).flatten()
-    sums = ce.new_zeros(num_classes).index_add_(0, cls, ce.flatten() * kept)
-    counts = ce.new_zeros(num_classes).index_add_(0, cls, kept)
-    present = (counts > 0).to(ce.dtype)
-    return (sums / counts.clamp(min=1.0) * present).sum() / present.sum().clamp(min=1.0)
+    return class_averaged_mean(ce.flatten(), target.clamp(min=0).flatten(), kept, num_classes)[0]
 
 
 class PseudoLabelCETerm(LossTerm):

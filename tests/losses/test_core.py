@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_contrastive.losses.core import info_nce, label_positive_mask, two_view_masks
+from nnunet_contrastive.losses.core import class_averaged_mean, info_nce, label_positive_mask, two_view_masks
 
 
 def _np_info_nce(a, k, pos, valid, w, tau):
@@ -85,3 +85,19 @@ def test_denominator_excludes_invalid_keys():
     part = info_nce(z, None, pos, fewer, temperature=0.5)
     assert part.per_anchor[0] < full.per_anchor[0]
     torch.testing.assert_close(part.per_anchor[1:], full.per_anchor[1:])
+
+
+def test_class_averaged_mean_matches_numpy_loop():
+    rng = np.random.default_rng(3)
+    values, classes = rng.normal(size=40), rng.integers(0, 4, size=40)
+    weights = rng.uniform(size=40) * (classes != 2)  # classes 2 and 3 have entries but no weight, class 4 none
+    weights[classes == 3] = 0.0
+    ref_pc = [sum(v * w for v, c2, w in zip(values, classes, weights) if c2 == c) / max(
+        sum(w for c2, w in zip(classes, weights) if c2 == c), 1) for c in range(5)]
+    used_ref = [any(w > 0 for c2, w in zip(classes, weights) if c2 == c) for c in range(5)]
+    loss, per_class, used = class_averaged_mean(torch.tensor(values), torch.tensor(classes), torch.tensor(weights), 5)
+    assert used.tolist() == used_ref == [True, True, False, False, False]
+    assert per_class.numpy() == pytest.approx(ref_pc)
+    assert float(loss) == pytest.approx((ref_pc[0] + ref_pc[1]) / 2)
+    zero = class_averaged_mean(torch.tensor(values), torch.tensor(classes), torch.zeros(40, dtype=torch.float64), 5)
+    assert float(zero[0]) == 0.0 and not zero[2].any()
