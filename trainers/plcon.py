@@ -41,7 +41,8 @@ pseudo-labels 0.57) and ties FewLabels on validation (README, Results).
 
 Observability (log, progress_contrastive.png): ``plcon_loss``, ``plcon_anchors_c<k>``, ``plcon_images``, and per
 round ``plcon_round``, ``plcon_changed`` (fraction of unlabeled pixels whose pseudo-label changed at this
-re-estimation) and ``plcon_val_dice`` (pseudo-label Dice against ground truth on the fold's validation cases).
+re-estimation) and ``plcon_val_dice`` (pseudo-label Dice against ground truth, pooled over the fold's validation cases' voxels;
+not nnU-Net's per-case mean Dice).
 """
 from __future__ import annotations
 

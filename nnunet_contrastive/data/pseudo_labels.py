@@ -23,7 +23,9 @@ round starts over. A complete round is never recomputed.
 
 Round statistics: ``changed_fraction`` (fraction of the unlabeled pixels whose label differs from the previous
 round) and ``val_dice`` (per foreground class and mean: the same estimation on the fold's validation cases against
-their ground truth, to see whether the rounds help).
+their ground truth, to see whether the rounds help). It is Dice pooled over all validation voxels of a class, on the
+preprocessed grid, then averaged over the classes: comparable between rounds and runs, but not with nnU-Net's
+per-case mean Dice of the benchmark's "validation mean Dice" (pooling weighs large structures and cases more).
 """
 from __future__ import annotations
 
@@ -240,6 +242,6 @@ def estimate_round(trainer, store: PseudoLabelStore, r: int, cases: Sequence[tup
         + (f" ({manifest['seconds_per_case']:.2f} s/case)" if todo else "")
         + (f"; changed since round {r - 1}: {100 * manifest['changed_fraction']:.2f}% of the pixels"
            if manifest["changed_fraction"] is not None else "")
-        + (f"; Dice vs ground truth on {len(val_cases)} validation cases: {manifest['val_dice_mean']:.4f} "
+        + (f"; Dice vs ground truth pooled over {len(val_cases)} validation cases: {manifest['val_dice_mean']:.4f} "
            f"{val_dice}" if manifest["val_dice_mean"] is not None else ""))
     return manifest
