@@ -37,7 +37,9 @@ averages that CE per pseudo-label class instead of per pixel; ``nnUNetTrainerPLC
 rounds after half of the run (FewLabels' validation curve at one labeled patient flattens after about 40 % of the
 ACDC budget), so the first pseudo-labels come from a supervised network near its plateau. Measured on that ACDC run
 (one seed): Balanced still fails (0.195 test Dice against FewLabels' 0.536), LongWarmup does not collapse (first
-pseudo-labels 0.57) and ties FewLabels on validation (README, Results).
+pseudo-labels 0.57) and ties FewLabels on validation; with three labeled patients (one seed) it loses to FewLabels
+(test 0.569 against 0.629, validation 0.623 against 0.672) although its first pseudo-labels come from a network at
+FewLabels' plateau (README, Results).
 
 Observability (log, progress_contrastive.png): ``plcon_loss``, ``plcon_anchors_c<k>``, ``plcon_images``, and per
 round ``plcon_round``, ``plcon_changed`` (fraction of unlabeled pixels whose pseudo-label changed at this
