@@ -38,13 +38,13 @@ rounds after half of the run (FewLabels' validation curve at one labeled patient
 ACDC budget), so the first pseudo-labels come from a supervised network near its plateau. Measured on that ACDC run
 (one seed): Balanced still fails (0.195 test Dice against FewLabels' 0.536), LongWarmup does not collapse (first
 pseudo-labels 0.57) and ties FewLabels on validation; with three labeled patients (one seed) it loses to FewLabels
-(test 0.569 against 0.629, validation 0.623 against 0.672) although its first pseudo-labels come from a network at
-FewLabels' plateau (README, Results).
+(test 0.569 against 0.629, validation 0.623 against 0.672) although its warm-up ends where FewLabels' validation
+curve is already flat (README, Results).
 
 Observability (log, progress_contrastive.png): ``plcon_loss``, ``plcon_anchors_c<k>``, ``plcon_images``, and per
 round ``plcon_round``, ``plcon_changed`` (fraction of unlabeled pixels whose pseudo-label changed at this
-re-estimation) and ``plcon_val_dice`` (pseudo-label Dice against ground truth, pooled over the fold's validation cases' voxels;
-not nnU-Net's per-case mean Dice).
+re-estimation) and ``plcon_val_dice`` (pseudo-label Dice against ground truth, pooled over the voxels of the fold's
+validation cases; not nnU-Net's per-case mean Dice).
 """
 from __future__ import annotations
 
