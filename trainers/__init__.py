@@ -14,7 +14,9 @@ from nnunet_contrastive.trainers.plcon import (nnUNetTrainerPLCon, nnUNetTrainer
                                                nnUNetTrainerPLConIntra, nnUNetTrainerPLConLongWarmup,
                                                nnUNetTrainerPLConSelfTrain,
                                                nnUNetTrainerPLConSelfTrainBalanced,
-                                               nnUNetTrainerPLConSelfTrainLongWarmup, nnUNetTrainerPLConSG)
+                                               nnUNetTrainerPLConSelfTrainLongWarmup,
+                                               nnUNetTrainerPLConSelfTrainLongWarmupLowCE,
+                                               nnUNetTrainerPLConSelfTrainLongWarmupOneLR, nnUNetTrainerPLConSG)
 from nnunet_contrastive.trainers.spcon import (nnUNetTrainerSPCon, nnUNetTrainerSPConHard,
                                                nnUNetTrainerSPConPatient, nnUNetTrainerSPConPhase,
                                                nnUNetTrainerSPConPaperBatch, nnUNetTrainerSPConPosition,
@@ -55,4 +57,6 @@ __all__ = [
     "nnUNetTrainerPLConSelfTrain",
     "nnUNetTrainerPLConSelfTrainBalanced",
     "nnUNetTrainerPLConSelfTrainLongWarmup",
+    "nnUNetTrainerPLConSelfTrainLongWarmupLowCE",
+    "nnUNetTrainerPLConSelfTrainLongWarmupOneLR",
 ]

@@ -14,7 +14,8 @@ Stages (declared on the staged framework, trainers/staged.py):
   segmentations. Loss (Eq. 2): Dice+CE on the labeled rows (ground truth ONLY: the paper's key finding, Table II)
   + ``lambda_cont`` x the pixel contrast (Eq. 3-4; nnunet_contrastive.losses.pixel_contrast) on all rows, ground
   truth on labeled rows and pseudo-labels on unlabeled ones. The rounds share one poly-LR segment (no restart
-  between rounds: the paper keeps one optimiser through the joint training).
+  between rounds: the paper keeps one optimiser through the joint training); with ``rounds_restart_lr = False``
+  there is no restart after the warm-up either: the whole run follows FewLabels' single poly-LR decay.
 
 Lengths: ``warmup_fraction`` (1/4, the paper's 5000 of 20000 iterations) of the run's epochs
 (``nnUNet_contrastive_epochs`` or nnU-Net's 1000), the rest split evenly over the rounds;
@@ -62,7 +63,8 @@ from nnunet_contrastive.trainers.staged import DEFAULT_NUM_EPOCHS, nnUNetTrainer
 
 __all__ = ["nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConConfident", "nnUNetTrainerPLConSG",
            "nnUNetTrainerPLConLongWarmup", "nnUNetTrainerPLConSelfTrain", "nnUNetTrainerPLConSelfTrainBalanced",
-           "nnUNetTrainerPLConSelfTrainLongWarmup"]
+           "nnUNetTrainerPLConSelfTrainLongWarmup", "nnUNetTrainerPLConSelfTrainLongWarmupLowCE",
+           "nnUNetTrainerPLConSelfTrainLongWarmupOneLR"]
 
 
 class nnUNetTrainerPLCon(nnUNetTrainerStaged):
@@ -83,6 +85,7 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
     pseudo_label_ce_weight = 0.0  # > 0: + weight x CE on the pseudo-labels of unlabeled rows (paper: none, Table II)
     pseudo_label_ce_confidence = 0.9  # pixels below this pseudo-label confidence are left out of that CE
     pseudo_label_ce_class_balanced = False  # True: that CE averages per-class means (terms.pseudo_label)
+    rounds_restart_lr = True  # round 1 starts a new poly-LR segment (momentum reset); False: one segment, FewLabels'
 
     # ------------------------------------------------------------------ declarations
     @classmethod
@@ -104,7 +107,8 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
                                 terms=(Use("sup", rows="labeled"), Use("plcon", cls.lambda_cont, rows="all"))
                                 + ((Use("plce", cls.pseudo_label_ce_weight, rows="unlabeled"),)
                                    if cls.pseudo_label_ce_weight > 0 else ()),
-                                fresh_lr=i == 0, fresh_momentum=i == 0))
+                                fresh_lr=i == 0 and cls.rounds_restart_lr,
+                                fresh_momentum=i == 0 and cls.rounds_restart_lr))
         return stages
 
     def build_terms(self) -> dict:
@@ -216,3 +220,13 @@ class nnUNetTrainerPLConSelfTrainBalanced(nnUNetTrainerPLConSelfTrain):
 class nnUNetTrainerPLConSelfTrainLongWarmup(nnUNetTrainerPLConSelfTrain):
     """Self-training after half of the run as supervised warm-up, so it starts from more useful pseudo-labels."""
     warmup_fraction = 0.5
+
+
+class nnUNetTrainerPLConSelfTrainLongWarmupLowCE(nnUNetTrainerPLConSelfTrainLongWarmup):
+    """Self-training after the half-run warm-up with the pseudo-label CE at weight 0.3 instead of 1."""
+    pseudo_label_ce_weight = 0.3
+
+
+class nnUNetTrainerPLConSelfTrainLongWarmupOneLR(nnUNetTrainerPLConSelfTrainLongWarmup):
+    """Self-training after the half-run warm-up on FewLabels' single poly-LR decay (no restart at round 1)."""
+    rounds_restart_lr = False

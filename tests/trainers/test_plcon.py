@@ -61,6 +61,29 @@ def test_stages_follow_the_run_length(monkeypatch):
     assert [[u.term for u in s.terms] for s in lw[1:]] == [["sup", "plcon", "plce"]] * 3
 
 
+def test_variants_lowce_and_one_lr_schedule(monkeypatch):
+    """LowCE only lowers the pseudo-label CE weight; OneLR's run follows FewLabels' single poly decay
+    0.01 (1 - e / E) ** 0.9 through the warm-up and the rounds, where LongWarmup restarts at round 1."""
+    from nnunet_contrastive.framework.stages import StagedPolyLR
+    from nnunet_contrastive.trainers import (nnUNetTrainerPLConSelfTrainLongWarmup,
+                                             nnUNetTrainerPLConSelfTrainLongWarmupLowCE,
+                                             nnUNetTrainerPLConSelfTrainLongWarmupOneLR)
+
+    monkeypatch.setenv("nnUNet_contrastive_epochs", "10")
+    monkeypatch.delenv("nnUNet_contrastive_stage_epochs", raising=False)
+    low = nnUNetTrainerPLConSelfTrainLongWarmupLowCE.declare_stages()
+    assert [(s.name, s.epochs) for s in low] == [("warmup", 5), ("round1", 2), ("round2", 2), ("round3", 1)]
+    assert [[(u.term, u.weight) for u in s.terms] for s in low[1:]] == [
+        [("sup", 1.0), ("plcon", 0.1), ("plce", 0.3)]] * 3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    one = StagedPolyLR(opt, 0.01, nnUNetTrainerPLConSelfTrainLongWarmupOneLR.stage_plan())
+    restart = StagedPolyLR(opt, 0.01, nnUNetTrainerPLConSelfTrainLongWarmup.stage_plan())
+    for e in [0.0, 2.5, 4.9, 5.0, 6.5, 9.9]:
+        assert one.lr_at(e) == pytest.approx(0.01 * (1 - e / 10) ** 0.9)
+    assert restart.lr_at(5.0) == pytest.approx(0.01) and restart.lr_at(4.9) == pytest.approx(0.01 * 0.02 ** 0.9)
+    assert not any(s.fresh_momentum for s in nnUNetTrainerPLConSelfTrainLongWarmupOneLR.declare_stages()[1:])
+
+
 def test_rounds_estimate_resume_mid_estimation_and_never_recompute(in_process):
     """Round 1 is estimated at the end of the warm-up; the run is stopped while round 2 is being estimated (one
     case written); --c restarts round 2 from the same network state (the written case is kept), never recomputes
