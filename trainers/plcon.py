@@ -40,7 +40,9 @@ ACDC budget), so the first pseudo-labels come from a supervised network near its
 (one seed): Balanced still fails (0.195 test Dice against FewLabels' 0.536), LongWarmup does not collapse (first
 pseudo-labels 0.57) and ties FewLabels on validation; with three labeled patients (one seed) it loses to FewLabels
 (test 0.569 against 0.629, validation 0.623 against 0.672) although its warm-up ends where FewLabels' validation
-curve is already flat (README, Results).
+curve is already flat (README, Results). Two one-change candidates against that loss, same seed: ``…LowCE``
+(pseudo-label CE weight 0.3) validation 0.665, test 0.599; ``…OneLR`` (``rounds_restart_lr = False``, FewLabels'
+single LR decay) validation 0.654, test 0.600: both closer, neither above FewLabels.
 
 Observability (log, progress_contrastive.png): ``plcon_loss``, ``plcon_anchors_c<k>``, ``plcon_images``, and per
 round ``plcon_round``, ``plcon_changed`` (fraction of unlabeled pixels whose pseudo-label changed at this
