@@ -42,7 +42,8 @@ pseudo-labels 0.57) and ties FewLabels on validation; with three labeled patient
 (test 0.569 against 0.629, validation 0.623 against 0.672) although its warm-up ends where FewLabels' validation
 curve is already flat (README, Results). Two one-change candidates against that loss, same seed: ``…LowCE``
 (pseudo-label CE weight 0.3) validation 0.665, test 0.599; ``…OneLR`` (``rounds_restart_lr = False``, FewLabels'
-single LR decay) validation 0.654, test 0.600: both closer, neither above FewLabels.
+single LR decay) validation 0.654, test 0.600: both closer, neither above FewLabels. Without that CE
+(``nnUNetTrainerPLConLongWarmup``, the paper's loss) validation 0.684, test 0.648: above FewLabels, one seed.
 
 Observability (log, progress_contrastive.png): ``plcon_loss``, ``plcon_anchors_c<k>``, ``plcon_images``, and per
 round ``plcon_round``, ``plcon_changed`` (fraction of unlabeled pixels whose pseudo-label changed at this
@@ -87,7 +88,7 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
     pseudo_label_ce_weight = 0.0  # > 0: + weight x CE on the pseudo-labels of unlabeled rows (paper: none, Table II)
     pseudo_label_ce_confidence = 0.9  # pixels below this pseudo-label confidence are left out of that CE
     pseudo_label_ce_class_balanced = False  # True: that CE averages per-class means (terms.pseudo_label)
-    rounds_restart_lr = True  # round 1 starts a new poly-LR segment (momentum reset); False: one segment, FewLabels'
+    rounds_restart_lr = True  # round 1 restarts the poly LR and momentum; False: one decay over the run (FewLabels')
 
     # ------------------------------------------------------------------ declarations
     @classmethod
