@@ -184,7 +184,8 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
             self.pseudo_label_stats = {}
             return {}
         self.ensure_pseudo_labels(r)
-        confidence = self.min_confidence > 0 or (self.pseudo_label_ce_weight > 0 and self.pseudo_label_ce_confidence > 0)
+        confidence = self.min_confidence > 0 or (self.pseudo_label_ce_weight > 0
+                                                 and self.pseudo_label_ce_confidence > 0)
         return {"pseudo_labels": self.pseudo_label_store.source(r, confidence=confidence)}
 
 
