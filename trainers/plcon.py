@@ -89,6 +89,8 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
     pseudo_label_ce_confidence = 0.9  # pixels below this pseudo-label confidence are left out of that CE
     pseudo_label_ce_class_balanced = False  # True: that CE averages per-class means (terms.pseudo_label)
     rounds_restart_lr = True  # round 1 restarts the poly LR and momentum; False: one decay over the run (FewLabels')
+    stage_checkpoints = ("warmup",)  # checkpoint_warmup_end.pth: variants with equal warmup_key share the warm-up
+    warmup_attributes = ("embedding_dim",)  # the pixel head is built (from the seeded generator) before the warm-up
 
     # ------------------------------------------------------------------ declarations
     @classmethod

@@ -12,13 +12,16 @@ the stage changes or a term asks for it, ``request_loader_rebuild``), freezing, 
 head, nnU-Net's poly LR per stage set every iteration, the step (one :class:`StepContext` per iteration caching the
 student's and teacher's passes; AMP on CUDA, gradient clipping at 12, DDP gradient averaging, optimizer step, EMA
 teacher update with a decay fit to the stage length), stats logged and plotted by name, checkpoints with all our
-state under the key ``nnunet_contrastive`` (exact ``--c`` resume), ``checkpoint_teacher.pth``.
+state under the key ``nnunet_contrastive`` (exact ``--c`` resume), ``checkpoint_teacher.pth``, and the end state of
+the stages named in ``stage_checkpoints`` (``checkpoint_<stage>_end.pth``: a supervised warm-up that several
+trainers share, see ``warmup_key``).
 
 ``self.network`` stays nnU-Net's network (stock predictor, ``-pretrained_weights``); heads and teacher live beside
 it. ``torch.compile`` is off: the framework runs the encoder and decoder separately (taps, encoder-only passes).
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -63,6 +66,8 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
     num_partitions = 3
     ema_decay = 0.999
     ema_window_fraction = 0.05  # the teacher averages over at most this fraction of a stage (decay_for_horizon)
+    stage_checkpoints: tuple = ()  # stages whose end state is kept as checkpoint_<stage>_end.pth (warmup_key)
+    warmup_attributes: tuple = ()  # class attributes those stages depend on beyond the plan (e.g. a head's size)
 
     # ------------------------------------------------------------------ declarations
     @classmethod
@@ -79,6 +84,35 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
         if STAGE_EPOCHS_ENV in applied or all(s.epochs is not None for s in stages):
             num_epochs = sum(s.epochs for s in stages if s.epochs is not None)
         return StagePlan.resolve(stages, num_epochs)
+
+    @classmethod
+    def kept_stage(cls, num_epochs: int = DEFAULT_NUM_EPOCHS, environ=None) -> str | None:
+        """The last stage of this plan (never its final one) whose end state is kept, or None."""
+        if not cls.stage_checkpoints:
+            return None
+        names = [s.name for s in cls.stage_plan(num_epochs, environ).stages][:-1]
+        kept = [n for n in names if n in cls.stage_checkpoints]
+        return kept[-1] if kept else None
+
+    @classmethod
+    def warmup_key(cls, num_epochs: int = DEFAULT_NUM_EPOCHS, environ=None) -> str | None:
+        """What the stages up to the last kept one (``stage_checkpoints``) depend on, as one string: those stages'
+        declarations (loaders, terms, trained groups, LR and momentum), the LR segments of the later stages (a later
+        stage without a fresh LR stretches the poly decay over the earlier ones), ``warmup_attributes`` and the code
+        that builds the terms, network and optimizer. Two trainers with equal keys train those stages the same way,
+        so the benchmark (``--share-warmup``) may start one from the other's ``checkpoint_<stage>_end.pth`` at the
+        same labeled cases and seed. None: no kept stage in this plan."""
+        stage = cls.kept_stage(num_epochs, environ)
+        if stage is None:
+            return None
+        plan = cls.stage_plan(num_epochs, environ)
+        last = [s.name for s in plan.stages].index(stage)
+        return json.dumps({
+            "shared": [repr(s) for s in plan.stages[:last + 1]],
+            "later": [[s.name, s.epochs, s.fresh_lr, s.warmup, s.fresh_momentum] for s in plan.stages[last + 1:]],
+            "attributes": {a: repr(getattr(cls, a)) for a in cls.warmup_attributes},
+            "code": [getattr(cls, m).__qualname__ for m in ("build_terms", "build_network_architecture",
+                                                             "configure_optimizers", "get_dataloaders")]})
 
     @classmethod
     def needs_unlabeled(cls) -> bool:
@@ -390,7 +424,16 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
         self.print_to_log_file(f"stage {index + 1}: {self.plan.stages[index].name}; " + ", ".join(parts))
 
     def on_epoch_end(self):
-        super().on_epoch_end()
+        ending = self.current_epoch + 1 in self.plan.starts[1:]  # last epoch of a stage that is not the last one
+        stage = self.plan.stages[self.plan.index(self.current_epoch)].name
+        super().on_epoch_end()  # checkpoint_latest.pth (every save_every epochs), then current_epoch += 1
+        if ending and stage in self.stage_checkpoints:
+            self.current_epoch -= 1  # save_checkpoint records current_epoch + 1, the epoch to resume from
+            try:
+                self.save_checkpoint(os.path.join(self.output_folder, f"checkpoint_{stage}_end.pth"))
+            finally:
+                self.current_epoch += 1
+            self.print_to_log_file(f"Kept the end of stage '{stage}': checkpoint_{stage}_end.pth")
         if self.local_rank == 0:
             try:
                 from nnunet_contrastive.framework.plotting import plot_term_progress

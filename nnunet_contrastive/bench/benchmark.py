@@ -135,6 +135,7 @@ class Config:
     plans_override: str | None = None  # None: the dataset's CPU tier; NO_OVERRIDE: nnU-Net's own plans
     report_only: bool = False  # the report of the finished runs; nothing trains
     imports: list[str] = field(default_factory=list)  # earlier reports' results.json whose runs are imported
+    share_warmup: bool = False  # start a run from an equal warm-up of another trainer's run (same N, seed)
 
     @property
     def override(self) -> str:
@@ -563,6 +564,77 @@ def train_or_resume(cfg: Config, prep: Prepared, env: dict, trainer: str, folder
     return epoch
 
 
+WARMUP_FILE = "warmup_from.json"
+
+
+def _warmup_key(trainer: str, budget: Budget, env: dict) -> tuple[str | None, str | None]:
+    """(kept stage, warm-up key) of a trainer's plan under the run environment `env` (some trainers read their stage
+    lengths from the environment); (None, None) for trainers without a kept stage."""
+    from unittest import mock
+
+    from nnunet_contrastive.bench.cost import trainer_class
+
+    cls = trainer_class(trainer)
+    if not hasattr(cls, "warmup_key"):
+        return None, None
+    with mock.patch.dict(os.environ, env, clear=True):
+        return cls.kept_stage(budget.epochs, env), cls.warmup_key(budget.epochs, env)
+
+
+def warmup_source(cfg: Config, prep: Prepared, trainer: str, n, seed: int, env: dict,
+                  labeled: list[str]) -> dict | None:
+    """Another trainer's end-of-warm-up checkpoint this run may start from (`--share-warmup`): a run of the same
+    budget folder, N and seed (so the same plans, budget, labeled cases and seeded generators) whose trainer has an
+    equal `warmup_key` and whose checkpoint names the same labeled cases. None when there is none."""
+    from nnunet_contrastive.data.checkpoints import read_checkpoint
+
+    stage, mine = _warmup_key(trainer, cfg.budget, env)
+    root = os.path.join(cfg.workdir, "runs", cfg.tag)
+    if mine is None or not os.path.isdir(root):
+        return None
+    for other in sorted(os.listdir(root)):
+        if other == trainer or other not in available_trainers():
+            continue
+        path = os.path.join(run_fold_dir(run_dir(cfg, other, n, seed), prep, other), f"checkpoint_{stage}_end.pth")
+        if not os.path.isfile(path) or _warmup_key(other, cfg.budget, run_env(env, other, cfg.budget,
+                                                                              env["nnUNet_results"], seed))[1] != mine:
+            continue
+        ckpt = read_checkpoint(path)
+        theirs = (ckpt.get("nnunet_contrastive") or {}).get("labeled_keys")
+        if theirs is not None and sorted(theirs) != sorted(labeled):
+            continue
+        return {"trainer": other, "checkpoint": path, "stage": stage, "epoch": int(ckpt.get("current_epoch", 0))}
+    return None
+
+
+def start_from_warmup(cfg: Config, prep: Prepared, trainer: str, n, seed: int, env: dict, labeled: list[str],
+                      log=print) -> dict | None:
+    """With `--share-warmup`, a run that has not started continues from an equal warm-up of another trainer's run
+    (`warmup_source`, copied to its checkpoint_latest.pth, so training resumes with --c after the warm-up); recorded
+    in the run folder's warmup_from.json, which is returned (also for a run started that way before)."""
+    folder = run_dir(cfg, trainer, n, seed)
+    marker = os.path.join(folder, WARMUP_FILE)
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            return json.load(f)
+    fold_dir = run_fold_dir(folder, prep, trainer)
+    if not cfg.share_warmup or any(os.path.isfile(os.path.join(fold_dir, c))
+                                   for c in ("checkpoint_latest.pth", "checkpoint_final.pth")):
+        return None
+    src = warmup_source(cfg, prep, trainer, n, seed, env, labeled)
+    if src is None:
+        return None
+    shutil.rmtree(os.path.join(folder, "nnUNet_results"), ignore_errors=True)
+    os.makedirs(fold_dir)
+    latest = os.path.join(fold_dir, "checkpoint_latest.pth")
+    shutil.copyfile(src["checkpoint"], latest + ".tmp")
+    os.replace(latest + ".tmp", latest)
+    _write_json(marker, src)
+    log(f"  {trainer} N={n} seed={seed}: starts from the end of {src['trainer']}'s '{src['stage']}' stage (epoch "
+        f"{src['epoch']}; equal warm-up, --share-warmup)")
+    return src
+
+
 def equivalent_run(cfg: Config, trainer: str, n, seed: int) -> str | None:
     """The folder of the same finished run of a trainer WITHOUT label-free pre-training in a budget folder that
     differs from this one only in the pre-training settings (`--pretrain-epochs`, `--pretraining`), which never
@@ -722,6 +794,7 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
         pretraining = ensure_pretraining(cfg, prep, base_env, trainer, seed, log)
         write_split(prep, n, seed, cfg.spec)  # the pre-training wrote its own (all labeled) split
         extra = ["-pretrained_weights", pretraining["checkpoint"]]
+    warmup_from = start_from_warmup(cfg, prep, trainer, n, seed, env, labeled, log) if not extra else None
     logf = os.path.join(folder, "log.txt")
     times = {}
     load = {"start": _loadavg()}
@@ -730,6 +803,8 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
                               f"  {trainer} N={n} seed={seed}: nnUNetv2_train ({len(labeled)} labeled / "
                               f"{len(prep.train)} train cases; log {logf})")
     times["train_s"] = time.time() - t0
+    if warmup_from is not None and resumed == warmup_from["epoch"]:
+        resumed = None  # it started there; not an interruption
     pred = os.path.join(folder, "predictions")
     shutil.rmtree(pred, ignore_errors=True)
     t1 = time.time()
@@ -751,7 +826,7 @@ def run_one(cfg: Config, prep: Prepared, base_env: dict, trainer: str, n, seed: 
            "loadavg_1_5_15min": load, "pretraining": pretraining, "resumed_at_epoch": resumed,
            "val_curve": validation_curve(os.path.join(fold_dir, "checkpoint_final.pth")),
            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "dice_per_case": per_case,
-           "val_dice": validation_dice(fold_dir, prep.labels), "code": code_version()}
+           "val_dice": validation_dice(fold_dir, prep.labels), "code": code_version(), "warmup_from": warmup_from}
     _write_json(result_path, res)
     log(f"  {trainer} N={n} seed={seed}: mean Dice {dice['mean']:.3f} ("
         + ", ".join(f"{c} {dice[c]:.3f}" for c in prep.classes)
@@ -869,6 +944,12 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
                "augmentation workers, or from a checkpoint older than that, the stream after the resume differs; its "
                "train time counts the last part only): "
                + ", ".join(resumed)]
+    shared = [f"{r['trainer']} N={r['num_labeled']} seed={r['seed']} (from {r['warmup_from']['trainer']}, epoch "
+              f"{r['warmup_from']['epoch']})" for r in results if r.get("warmup_from")]
+    if shared:
+        md += ["- started from another trainer's end-of-warm-up checkpoint with --share-warmup (same budget, N, seed "
+               "and labeled cases; equal warm-up declarations, `warmup_key`; its train time counts the stages after "
+               "the warm-up only): " + ", ".join(shared)]
     if prep.ceiling:
         names = {str(v): k for k, v in prep.labels.items()}
         md += [f"- resolution ceiling of the plans: their 2d spacing {prep.ceiling['inplane_spacing']} mm (nnU-Net's "

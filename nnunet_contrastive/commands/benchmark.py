@@ -86,6 +86,10 @@ def register(sub) -> None:
                    help="import the finished runs of earlier reports (their results.json) that this command would "
                         "make under the same conditions (dataset, cases, labeled cases, plans, budget), instead of "
                         "training them again: a campaign spread over sessions whose work folders do not survive")
+    p.add_argument("--share-warmup", action="store_true",
+                   help="start a trainer's run from the end-of-warm-up checkpoint of another trainer's run with the "
+                        "same N and seed whose warm-up is declared the same (e.g. the PLCon variants with an equal "
+                        "warmup_fraction), instead of training that warm-up again; recorded per run and in the report")
     p.add_argument("--fresh", action="store_true", help="delete --workdir first (only a benchmark work folder)")
     p.set_defaults(func=run)
 
@@ -130,7 +134,8 @@ def build_config(args):
         skip_cost=args.skip_cost, skip_label_efficiency=args.skip_label_efficiency,
         cost_warmup=pick("cost_warmup"), cost_iterations=pick("cost_iterations"), loss_sizes=list(pick("loss_sizes")),
         loss_reps=preset["loss_reps"], command=command_line(), plans_override=plans_override(args.plans_override),
-        report_only=args.report_only, imports=[os.path.abspath(p) for p in args.import_results]), \
+        report_only=args.report_only, imports=[os.path.abspath(p) for p in args.import_results],
+        share_warmup=args.share_warmup), \
         SETUP_FILE
 
 

@@ -536,3 +536,92 @@ def test_import_results_takes_only_runs_made_under_the_same_conditions(tmp_path)
     report.write_text(json.dumps({"runs": 3}))
     with pytest.raises(BenchmarkError, match="not a benchmark report"):
         import_results(c, prep, c.imports)
+
+
+def test_warmup_keys_group_the_plcon_variants_that_train_the_same_warmup():
+    """Trainers share a warm-up only when it is declared the same: the half-run warm-up of PLConLongWarmup, its
+    self-training variant and LowCE (they differ after it); not OneLR (its warm-up LR decays over the whole run),
+    not the quarter warm-up, not another pixel-head size; the key follows the run length; trainers without a kept
+    stage have none."""
+    from nnunet_contrastive.bench.benchmark import _warmup_key
+    from nnunet_contrastive.trainers import nnUNetTrainerPLConLongWarmup
+
+    b = Budget(epochs=30, iterations=100, val_iterations=4, pretrain_epochs=10)
+    env = {"nnUNet_contrastive_epochs": "30"}
+
+    def key(t, e=env):
+        return _warmup_key(t, b, e)
+
+    stage, lw = key("nnUNetTrainerPLConLongWarmup")
+    assert stage == "warmup" and lw is not None
+    assert key("nnUNetTrainerPLConSelfTrainLongWarmup")[1] == lw
+    assert key("nnUNetTrainerPLConSelfTrainLongWarmupLowCE")[1] == lw
+    assert key("nnUNetTrainerPLConSelfTrainLongWarmupOneLR")[1] not in (None, lw)
+    assert key("nnUNetTrainerPLCon")[1] not in (None, lw)
+    assert key("nnUNetTrainerPLCon")[1] == key("nnUNetTrainerPLConSG")[1] == key("nnUNetTrainerPLConSelfTrain")[1]
+    assert key("nnUNetTrainerPLConLongWarmup", {"nnUNet_contrastive_epochs": "20"})[1] != lw
+
+    class Wide(nnUNetTrainerPLConLongWarmup):
+        embedding_dim = 32
+
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, env, clear=True):
+        assert Wide.warmup_key(30, env) not in (None, lw)
+    assert key(BASELINE) == (None, None) and key(SP) == (None, None)
+
+
+def test_share_warmup_starts_a_run_from_an_equal_warmup_of_the_same_labeled_cases(tmp_path):
+    """--share-warmup copies another trainer's end-of-warm-up checkpoint (same budget folder, N, seed; equal
+    warm-up key; same labeled cases in the checkpoint) to the new run's checkpoint_latest.pth and records it; never
+    without the flag, never over a run's own checkpoint, never from an unequal warm-up or other labeled cases."""
+    import argparse
+
+    import torch
+
+    from nnunet_contrastive.bench.benchmark import (WARMUP_FILE, Prepared, run_dir, run_env, run_fold_dir,
+                                                    start_from_warmup)
+    from nnunet_contrastive.commands.benchmark import build_config, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    wd = str(tmp_path / "w")
+
+    def cfg(*extra):
+        return build_config(parser.parse_args(["benchmark", "--workdir", wd, "--epochs", "30", *extra]))[0]
+
+    prep = Prepared(raw="", pre="", dataset="D", plans="P", labels={"x": 1}, classes=["x"], train=[], val=[],
+                    test=[])
+    on, off = cfg("--share-warmup"), cfg()
+    src_tr, tr = "nnUNetTrainerPLConSelfTrainLongWarmup", "nnUNetTrainerPLConLongWarmup"
+    src_fold = run_fold_dir(run_dir(on, src_tr, 3, 1), prep, src_tr)
+    os.makedirs(src_fold)
+    src = os.path.join(src_fold, "checkpoint_warmup_end.pth")
+    torch.save({"current_epoch": 15, "network_weights": {}, "optimizer_state": {},
+                "nnunet_contrastive": {"labeled_keys": ["b", "a"]}}, src)
+
+    def env(c, t):
+        return run_env({}, t, c.budget, os.path.join(run_dir(c, t, 3, 1), "nnUNet_results"), seed=1)
+
+    logs = []
+    assert start_from_warmup(off, prep, tr, 3, 1, env(off, tr), ["a", "b"], logs.append) is None
+    fold = run_fold_dir(run_dir(on, tr, 3, 1), prep, tr)
+    assert not os.path.exists(fold)
+    assert start_from_warmup(on, prep, tr, 3, 1, env(on, tr), ["a", "c"], logs.append) is None  # other labels
+    info = start_from_warmup(on, prep, tr, 3, 1, env(on, tr), ["a", "b"], logs.append)
+    assert info["trainer"] == src_tr and info["epoch"] == 15 and info["stage"] == "warmup"
+    with open(os.path.join(fold, "checkpoint_latest.pth"), "rb") as f, open(src, "rb") as g:
+        assert f.read() == g.read()
+    with open(os.path.join(run_dir(on, tr, 3, 1), WARMUP_FILE)) as f:
+        assert json.load(f) == info
+    assert "starts from the end of " + src_tr in logs[-1]
+    assert start_from_warmup(on, prep, tr, 3, 1, env(on, tr), ["a", "b"]) == info  # recorded: the same again
+    one_lr = "nnUNetTrainerPLConSelfTrainLongWarmupOneLR"  # its warm-up differs
+    assert start_from_warmup(on, prep, one_lr, 3, 1, env(on, one_lr), ["a", "b"]) is None
+    assert start_from_warmup(on, prep, tr, 3, 2, env(on, tr), ["a", "b"]) is None  # another seed
+    low = "nnUNetTrainerPLConSelfTrainLongWarmupLowCE"
+    own = run_fold_dir(run_dir(on, low, 3, 1), prep, low)
+    os.makedirs(own)
+    torch.save({"current_epoch": 3}, os.path.join(own, "checkpoint_latest.pth"))
+    assert start_from_warmup(on, prep, low, 3, 1, env(on, low), ["a", "b"]) is None  # its own progress is kept
+    assert torch.load(os.path.join(own, "checkpoint_latest.pth"))["current_epoch"] == 3

@@ -161,6 +161,66 @@ def test_rounds_estimate_resume_mid_estimation_and_never_recompute(in_process):
     c._finish_loaders()
 
 
+def _same(a, b) -> bool:
+    """Nested checkpoint contents equal (tensors by value)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
+
+
+def test_warmup_end_is_kept_and_starts_a_variant_with_the_same_warmup(in_process):
+    """checkpoint_warmup_end.pth holds the state at the switch to round 1 (network, optimizer, generators, log: all
+    equal to checkpoint_latest.pth of that epoch), no other stage's end is kept, and a variant with the same warm-up
+    key (self-training) resumes from it with --c and trains its rounds."""
+    import shutil
+
+    import nnunet_contrastive.data.pseudo_labels as PL
+
+    a = build_trainer(in_process, "nnUNetTrainerPLCon")
+    a.save_every = 1
+    original_write = PL.PseudoLabelStore.write_case
+
+    def stop(self, r, case, labels, confidence):
+        raise _Interrupt()
+
+    PL.PseudoLabelStore.write_case = stop  # round 1's estimation starts right after the warm-up's last epoch
+    try:
+        with pytest.raises(_Interrupt):
+            a.run_training()
+    finally:
+        PL.PseudoLabelStore.write_case = original_write
+    a._finish_loaders()
+    load = lambda p: torch.load(p, map_location="cpu", weights_only=False)  # noqa: E731
+    latest = load(os.path.join(a.output_folder, "checkpoint_latest.pth"))
+    kept = load(os.path.join(a.output_folder, "checkpoint_warmup_end.pth"))
+    assert kept["current_epoch"] == latest["current_epoch"] == 1
+    for key in ("network_weights", "optimizer_state", "logging", "nnunet_contrastive"):
+        assert _same(kept[key], latest[key]), key
+    assert kept["nnunet_contrastive"]["rng"] is not None
+
+    from nnunet_contrastive.trainers import nnUNetTrainerPLCon, nnUNetTrainerPLConSelfTrain
+
+    assert nnUNetTrainerPLConSelfTrain.warmup_key() == nnUNetTrainerPLCon.warmup_key()
+    b = build_trainer(in_process, "nnUNetTrainerPLConSelfTrain")
+    os.makedirs(b.output_folder, exist_ok=True)
+    shutil.copyfile(os.path.join(a.output_folder, "checkpoint_warmup_end.pth"),
+                    os.path.join(b.output_folder, "checkpoint_latest.pth"))
+    b.load_checkpoint(os.path.join(b.output_folder, "checkpoint_latest.pth"))
+    assert b.current_epoch == 1
+    assert all(torch.equal(v, kept["network_weights"][k]) for k, v in b.network.state_dict().items())
+    b.run_training()
+    assert os.path.isfile(os.path.join(b.output_folder, "checkpoint_final.pth"))
+    log = b.logger.local_logger.my_fantastic_logging
+    assert np.isnan(log["plce_loss"][0]) and all(np.isfinite(log["plce_loss"][1:4]))
+    assert [f for f in os.listdir(b.output_folder) if f.endswith("_end.pth")] == []  # the rounds' ends: not kept
+
+
 def test_plcon_never_reads_unlabeled_labels_and_gradients_reach_head_and_network(in_process, tmp_path):
     """Hide every unlabeled case's label file, estimate round 1 and train on mixed batches: the contrast reads
     ground truth on labeled rows and pseudo-labels (never a gradient) on unlabeled rows."""
