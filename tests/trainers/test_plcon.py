@@ -84,29 +84,36 @@ def test_variants_lowce_and_one_lr_schedule(monkeypatch):
     assert not any(s.fresh_momentum for s in nnUNetTrainerPLConSelfTrainLongWarmupOneLR.declare_stages()[1:])
 
 
+def _train_until_estimating(trainer, r: int, write_first: bool) -> None:
+    """Train until round r's pseudo-label estimation writes its first case, then stop (after writing that case
+    when write_first)."""
+    import nnunet_contrastive.data.pseudo_labels as PL
+
+    original = PL.PseudoLabelStore.write_case
+
+    def write_or_stop(self, rr, case, labels, confidence):
+        if rr != r or write_first:
+            original(self, rr, case, labels, confidence)
+        if rr == r:
+            raise _Interrupt()
+
+    PL.PseudoLabelStore.write_case = write_or_stop
+    try:
+        with pytest.raises(_Interrupt):
+            trainer.run_training()
+    finally:
+        PL.PseudoLabelStore.write_case = original
+    trainer._finish_loaders()
+
+
 def test_rounds_estimate_resume_mid_estimation_and_never_recompute(in_process):
     """Round 1 is estimated at the end of the warm-up; the run is stopped while round 2 is being estimated (one
     case written); --c restarts round 2 from the same network state (the written case is kept), never recomputes
     round 1, and finishes rounds 2 and 3 with their statistics logged."""
-    import nnunet_contrastive.data.pseudo_labels as PL
-
     a = build_trainer(in_process, "nnUNetTrainerPLCon")
     a.save_every = 1
     store = a.pseudo_label_store
-    original_write = PL.PseudoLabelStore.write_case
-
-    def write_then_stop(self, r, case, labels, confidence):
-        original_write(self, r, case, labels, confidence)
-        if r == 2:
-            raise _Interrupt()
-
-    PL.PseudoLabelStore.write_case = write_then_stop
-    try:
-        with pytest.raises(_Interrupt):
-            a.run_training()
-    finally:
-        PL.PseudoLabelStore.write_case = original_write
-    a._finish_loaders()
+    _train_until_estimating(a, 2, write_first=True)
     n_unl = len(a.unlabeled_keys)
     assert n_unl > 1
     m1 = store.manifest(1)
@@ -180,22 +187,9 @@ def test_warmup_end_is_kept_and_starts_a_variant_with_the_same_warmup(in_process
     key (self-training) resumes from it with --c and trains its rounds."""
     import shutil
 
-    import nnunet_contrastive.data.pseudo_labels as PL
-
     a = build_trainer(in_process, "nnUNetTrainerPLCon")
     a.save_every = 1
-    original_write = PL.PseudoLabelStore.write_case
-
-    def stop(self, r, case, labels, confidence):
-        raise _Interrupt()
-
-    PL.PseudoLabelStore.write_case = stop  # round 1's estimation starts right after the warm-up's last epoch
-    try:
-        with pytest.raises(_Interrupt):
-            a.run_training()
-    finally:
-        PL.PseudoLabelStore.write_case = original_write
-    a._finish_loaders()
+    _train_until_estimating(a, 1, write_first=False)  # round 1 is estimated right after the warm-up's last epoch
     load = lambda p: torch.load(p, map_location="cpu", weights_only=False)  # noqa: E731
     latest = load(os.path.join(a.output_folder, "checkpoint_latest.pth"))
     kept = load(os.path.join(a.output_folder, "checkpoint_warmup_end.pth"))
