@@ -592,8 +592,9 @@ def warmup_source(cfg: Config, prep: Prepared, trainer: str, n, seed: int, env: 
     root = os.path.join(cfg.workdir, "runs", cfg.tag)
     if mine is None or not os.path.isdir(root):
         return None
+    known = available_trainers()
     for other in sorted(os.listdir(root)):
-        if other == trainer or other not in available_trainers():
+        if other == trainer or other not in known:
             continue
         path = os.path.join(run_fold_dir(run_dir(cfg, other, n, seed), prep, other), f"checkpoint_{stage}_end.pth")
         if not os.path.isfile(path) or _warmup_key(other, cfg.budget, run_env(env, other, cfg.budget,
@@ -612,11 +613,12 @@ def start_from_warmup(cfg: Config, prep: Prepared, trainer: str, n, seed: int, e
     """With `--share-warmup`, a run that has not started continues from an equal warm-up of another trainer's run
     (`warmup_source`, copied to its checkpoint_latest.pth, so training resumes with --c after the warm-up); recorded
     in the run folder's warmup_from.json, which is returned (also for a run started that way before)."""
+    from nnunet_contrastive.data.files import atomic_copy, read_json
+
     folder = run_dir(cfg, trainer, n, seed)
     marker = os.path.join(folder, WARMUP_FILE)
     if os.path.isfile(marker):
-        with open(marker, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json(marker)
     fold_dir = run_fold_dir(folder, prep, trainer)
     if not cfg.share_warmup or any(os.path.isfile(os.path.join(fold_dir, c))
                                    for c in ("checkpoint_latest.pth", "checkpoint_final.pth")):
@@ -626,9 +628,7 @@ def start_from_warmup(cfg: Config, prep: Prepared, trainer: str, n, seed: int, e
         return None
     shutil.rmtree(os.path.join(folder, "nnUNet_results"), ignore_errors=True)
     os.makedirs(fold_dir)
-    latest = os.path.join(fold_dir, "checkpoint_latest.pth")
-    shutil.copyfile(src["checkpoint"], latest + ".tmp")
-    os.replace(latest + ".tmp", latest)
+    atomic_copy(src["checkpoint"], os.path.join(fold_dir, "checkpoint_latest.pth"))
     _write_json(marker, src)
     log(f"  {trainer} N={n} seed={seed}: starts from the end of {src['trainer']}'s '{src['stage']}' stage (epoch "
         f"{src['epoch']}; equal warm-up, --share-warmup)")
