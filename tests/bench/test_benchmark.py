@@ -540,7 +540,7 @@ def test_import_results_takes_only_runs_made_under_the_same_conditions(tmp_path)
 
 def test_warmup_keys_group_the_plcon_variants_that_train_the_same_warmup():
     """Trainers share a warm-up only when it is declared the same: the half-run warm-up of PLConLongWarmup, its
-    self-training variant and LowCE (they differ after it); not OneLR (its warm-up LR decays over the whole run),
+    self-training variant, LowCE and Confident (they differ after it); not OneLR (its warm-up LR decays over the whole run),
     not the quarter warm-up, not another pixel-head size; the key follows the run length; trainers without a kept
     stage have none."""
     from nnunet_contrastive.bench.benchmark import _warmup_key
@@ -556,7 +556,9 @@ def test_warmup_keys_group_the_plcon_variants_that_train_the_same_warmup():
     assert stage == "warmup" and lw is not None
     assert key("nnUNetTrainerPLConSelfTrainLongWarmup")[1] == lw
     assert key("nnUNetTrainerPLConSelfTrainLongWarmupLowCE")[1] == lw
+    assert key("nnUNetTrainerPLConLongWarmupConfident")[1] == lw
     assert key("nnUNetTrainerPLConSelfTrainLongWarmupOneLR")[1] not in (None, lw)
+    assert key("nnUNetTrainerPLConLongWarmupOneLR")[1] == key("nnUNetTrainerPLConSelfTrainLongWarmupOneLR")[1]
     assert key("nnUNetTrainerPLCon")[1] not in (None, lw)
     assert key("nnUNetTrainerPLCon")[1] == key("nnUNetTrainerPLConSG")[1] == key("nnUNetTrainerPLConSelfTrain")[1]
     assert key("nnUNetTrainerPLConLongWarmup", {"nnUNet_contrastive_epochs": "20"})[1] != lw

@@ -84,6 +84,29 @@ def test_variants_lowce_and_one_lr_schedule(monkeypatch):
     assert not any(s.fresh_momentum for s in nnUNetTrainerPLConSelfTrainLongWarmupOneLR.declare_stages()[1:])
 
 
+def test_longwarmup_candidates_confident_and_one_lr(monkeypatch):
+    """LongWarmupConfident declares LongWarmup's stages (no pseudo-label CE) and only filters the contrast's
+    unlabeled pixels; LongWarmupOneLR's run follows FewLabels' single poly decay with no momentum reset."""
+    from nnunet_contrastive.framework.stages import StagedPolyLR
+    from nnunet_contrastive.trainers import (nnUNetTrainerPLConLongWarmup, nnUNetTrainerPLConLongWarmupConfident,
+                                             nnUNetTrainerPLConLongWarmupOneLR)
+
+    monkeypatch.setenv("nnUNet_contrastive_epochs", "10")
+    monkeypatch.delenv("nnUNet_contrastive_stage_epochs", raising=False)
+    lw = nnUNetTrainerPLConLongWarmup.declare_stages()
+    assert nnUNetTrainerPLConLongWarmupConfident.declare_stages() == lw
+    assert [[(u.term, u.weight) for u in s.terms] for s in lw[1:]] == [[("sup", 1.0), ("plcon", 0.1)]] * 3
+    assert (nnUNetTrainerPLConLongWarmupConfident.min_confidence, nnUNetTrainerPLConLongWarmup.min_confidence) == (
+        0.9, 0.0)
+    one = nnUNetTrainerPLConLongWarmupOneLR.declare_stages()
+    assert [[u.term for u in s.terms] for s in one] == [[u.term for u in s.terms] for s in lw]
+    assert not any(s.fresh_lr or s.fresh_momentum for s in one[1:]) and lw[1].fresh_lr and lw[1].fresh_momentum
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    sched = StagedPolyLR(opt, 0.01, nnUNetTrainerPLConLongWarmupOneLR.stage_plan())
+    for e in [0.0, 4.9, 5.0, 7.5, 9.9]:
+        assert sched.lr_at(e) == pytest.approx(0.01 * (1 - e / 10) ** 0.9)
+
+
 def _train_until_estimating(trainer, r: int, write_first: bool) -> None:
     """Train until round r's pseudo-label estimation writes its first case, then stop (after writing that case
     when write_first)."""
