@@ -44,7 +44,7 @@ curve is already flat (README, Results). Two one-change candidates against that 
 (pseudo-label CE weight 0.3) validation 0.665, test 0.599; ``…OneLR`` (``rounds_restart_lr = False``, FewLabels'
 single LR decay) validation 0.654, test 0.600: both closer, neither above FewLabels. Without that CE
 (``nnUNetTrainerPLConLongWarmup``, the paper's loss) validation 0.684, test 0.648: above FewLabels, one seed; over
-seeds 0-2 +0.020 +- 0.033 on test, losing the RV at seed 1. Two one-change candidates against that seed-1 loss,
+seeds 0-3 +0.019 +- 0.027 on test, losing the RV at seed 1. Two one-change candidates against that seed-1 loss,
 run there first: ``nnUNetTrainerPLConLongWarmupConfident`` (``min_confidence`` 0.9, wrong RV pseudo-labels out of
 the contrast) validation 0.612 and ``…OneLR`` (``rounds_restart_lr = False``) validation 0.598, both below
 LongWarmup's 0.629 and FewLabels' 0.680: neither kept (README, Results).
