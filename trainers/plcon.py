@@ -71,8 +71,8 @@ from nnunet_contrastive.trainers.staged import DEFAULT_NUM_EPOCHS, nnUNetTrainer
 __all__ = ["nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConConfident", "nnUNetTrainerPLConSG",
            "nnUNetTrainerPLConLongWarmup", "nnUNetTrainerPLConLongWarmupConfident",
            "nnUNetTrainerPLConLongWarmupOneLR", "nnUNetTrainerPLConSelfTrain",
-           "nnUNetTrainerPLConSelfTrainBalanced", "nnUNetTrainerPLConSelfTrainLongWarmup", "nnUNetTrainerPLConSelfTrainLongWarmupLowCE",
-           "nnUNetTrainerPLConSelfTrainLongWarmupOneLR"]
+           "nnUNetTrainerPLConSelfTrainBalanced", "nnUNetTrainerPLConSelfTrainLongWarmup",
+           "nnUNetTrainerPLConSelfTrainLongWarmupLowCE", "nnUNetTrainerPLConSelfTrainLongWarmupOneLR"]
 
 
 class nnUNetTrainerPLCon(nnUNetTrainerStaged):
