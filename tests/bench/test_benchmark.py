@@ -540,9 +540,9 @@ def test_import_results_takes_only_runs_made_under_the_same_conditions(tmp_path)
 
 def test_warmup_keys_group_the_plcon_variants_that_train_the_same_warmup():
     """Trainers share a warm-up only when it is declared the same: the half-run warm-up of PLConLongWarmup, its
-    self-training variant, LowCE and Confident (they differ after it); not OneLR (its warm-up LR decays over the whole run),
-    not the quarter warm-up, not another pixel-head size; the key follows the run length; trainers without a kept
-    stage have none."""
+    self-training variant, LowCE and Confident (they differ after it); not OneLR (its warm-up LR decays over the
+    whole run; the OneLR variants share theirs), not the quarter warm-up, not another pixel-head size; the key follows
+    the run length; trainers without a kept stage have none."""
     from nnunet_contrastive.bench.benchmark import _warmup_key
     from nnunet_contrastive.trainers import nnUNetTrainerPLConLongWarmup
 
