@@ -62,10 +62,10 @@ def test_stages_follow_the_run_length(monkeypatch):
 
 
 def test_variants_lowce_and_one_lr_schedule(monkeypatch):
-    """LowCE only lowers the pseudo-label CE weight; OneLR's run follows FewLabels' single poly decay
+    """LowCE only lowers the pseudo-label CE weight; both OneLR variants' runs follow FewLabels' single poly decay
     0.01 (1 - e / E) ** 0.9 through the warm-up and the rounds, where LongWarmup restarts at round 1."""
     from nnunet_contrastive.framework.stages import StagedPolyLR
-    from nnunet_contrastive.trainers import (nnUNetTrainerPLConSelfTrainLongWarmup,
+    from nnunet_contrastive.trainers import (nnUNetTrainerPLConLongWarmupOneLR, nnUNetTrainerPLConSelfTrainLongWarmup,
                                              nnUNetTrainerPLConSelfTrainLongWarmupLowCE,
                                              nnUNetTrainerPLConSelfTrainLongWarmupOneLR)
 
@@ -76,18 +76,19 @@ def test_variants_lowce_and_one_lr_schedule(monkeypatch):
     assert [[(u.term, u.weight) for u in s.terms] for s in low[1:]] == [
         [("sup", 1.0), ("plcon", 0.1), ("plce", 0.3)]] * 3
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    one = StagedPolyLR(opt, 0.01, nnUNetTrainerPLConSelfTrainLongWarmupOneLR.stage_plan())
+    for one_lr in (nnUNetTrainerPLConSelfTrainLongWarmupOneLR, nnUNetTrainerPLConLongWarmupOneLR):
+        one = StagedPolyLR(opt, 0.01, one_lr.stage_plan())
+        for e in [0.0, 2.5, 4.9, 5.0, 6.5, 9.9]:
+            assert one.lr_at(e) == pytest.approx(0.01 * (1 - e / 10) ** 0.9)
+        assert not any(s.fresh_lr or s.fresh_momentum for s in one_lr.declare_stages()[1:])
     restart = StagedPolyLR(opt, 0.01, nnUNetTrainerPLConSelfTrainLongWarmup.stage_plan())
-    for e in [0.0, 2.5, 4.9, 5.0, 6.5, 9.9]:
-        assert one.lr_at(e) == pytest.approx(0.01 * (1 - e / 10) ** 0.9)
     assert restart.lr_at(5.0) == pytest.approx(0.01) and restart.lr_at(4.9) == pytest.approx(0.01 * 0.02 ** 0.9)
-    assert not any(s.fresh_momentum for s in nnUNetTrainerPLConSelfTrainLongWarmupOneLR.declare_stages()[1:])
 
 
 def test_longwarmup_candidates_confident_and_one_lr(monkeypatch):
     """LongWarmupConfident declares LongWarmup's stages (no pseudo-label CE) and only filters the contrast's
-    unlabeled pixels; LongWarmupOneLR's run follows FewLabels' single poly decay with no momentum reset."""
-    from nnunet_contrastive.framework.stages import StagedPolyLR
+    unlabeled pixels; LongWarmupOneLR declares the same terms, without LongWarmup's restart at round 1 (its LR
+    schedule: test_variants_lowce_and_one_lr_schedule)."""
     from nnunet_contrastive.trainers import (nnUNetTrainerPLConLongWarmup, nnUNetTrainerPLConLongWarmupConfident,
                                              nnUNetTrainerPLConLongWarmupOneLR)
 
@@ -101,10 +102,6 @@ def test_longwarmup_candidates_confident_and_one_lr(monkeypatch):
     one = nnUNetTrainerPLConLongWarmupOneLR.declare_stages()
     assert [[u.term for u in s.terms] for s in one] == [[u.term for u in s.terms] for s in lw]
     assert not any(s.fresh_lr or s.fresh_momentum for s in one[1:]) and lw[1].fresh_lr and lw[1].fresh_momentum
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    sched = StagedPolyLR(opt, 0.01, nnUNetTrainerPLConLongWarmupOneLR.stage_plan())
-    for e in [0.0, 4.9, 5.0, 7.5, 9.9]:
-        assert sched.lr_at(e) == pytest.approx(0.01 * (1 - e / 10) ** 0.9)
 
 
 def _train_until_estimating(trainer, r: int, write_first: bool) -> None:
