@@ -70,7 +70,7 @@ from nnunet_contrastive.trainers.staged import DEFAULT_NUM_EPOCHS, nnUNetTrainer
 
 __all__ = ["nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConConfident", "nnUNetTrainerPLConSG",
            "nnUNetTrainerPLConLongWarmup", "nnUNetTrainerPLConLongWarmupConfident",
-           "nnUNetTrainerPLConLongWarmupOneLR", "nnUNetTrainerPLConSelfTrain",
+           "nnUNetTrainerPLConLongWarmupOneLR", "nnUNetTrainerPLConLongWarmupTeacher", "nnUNetTrainerPLConSelfTrain",
            "nnUNetTrainerPLConSelfTrainBalanced", "nnUNetTrainerPLConSelfTrainLongWarmup",
            "nnUNetTrainerPLConSelfTrainLongWarmupLowCE", "nnUNetTrainerPLConSelfTrainLongWarmupOneLR"]
 
@@ -90,6 +90,8 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
     min_confidence = 0.0  # > 0: unlabeled pixels below this pseudo-label confidence are left out of the contrast
     pixel_sampler = "ns"  # nnunet_contrastive.components.samplers: "ns", "sg", "sag"
     pseudo_label_mirroring = False  # test-time mirroring of the estimation (nnU-Net's predictor)
+    pseudo_label_teacher = False  # True: rounds >= 2 estimate with an EMA teacher of the rounds' network
+    ema_window_fraction = 0.3  # that teacher averages over the last ~30 % of a round's iterations (capped by 0.999)
     pseudo_label_ce_weight = 0.0  # > 0: + weight x CE on the pseudo-labels of unlabeled rows (paper: none, Table II)
     pseudo_label_ce_confidence = 0.9  # pixels below this pseudo-label confidence are left out of that CE
     pseudo_label_ce_class_balanced = False  # True: that CE averages per-class means (terms.pseudo_label)
@@ -118,7 +120,8 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
                                 + ((Use("plce", cls.pseudo_label_ce_weight, rows="unlabeled"),)
                                    if cls.pseudo_label_ce_weight > 0 else ()),
                                 fresh_lr=i == 0 and cls.rounds_restart_lr,
-                                fresh_momentum=i == 0 and cls.rounds_restart_lr))
+                                fresh_momentum=i == 0 and cls.rounds_restart_lr,
+                                resync_teacher=i == 0 and cls.pseudo_label_teacher))
         return stages
 
     def build_terms(self) -> dict:
@@ -132,6 +135,9 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
                                            self.min_confidence),
                 "plce": PseudoLabelCETerm(self.pseudo_label_ce_confidence,
                                           class_balanced_mean if self.pseudo_label_ce_class_balanced else pixel_mean)}
+
+    def updates_teacher(self, stage) -> bool:
+        return super().updates_teacher(stage) or (self.pseudo_label_teacher and stage.name.startswith("round"))
 
     # ------------------------------------------------------------------ pseudo-labels
     @property
@@ -169,8 +175,10 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
         if not store.is_complete(r):
             if self.local_rank == 0:
                 val = getattr(self, "_last_split", (None, []))[1]
+                teacher = self.pseudo_label_teacher and self.teacher is not None and r > 1  # round 1: = network
                 estimate_round(self, store, r, self.unlabeled_cases(), val, self.pseudo_label_mirroring,
-                               log=self.print_to_log_file)
+                               log=self.print_to_log_file, network=self.teacher.module if teacher else None,
+                               source="EMA teacher" if teacher else "network")
             if self.is_ddp:
                 from torch import distributed as dist
 
@@ -226,6 +234,11 @@ class nnUNetTrainerPLConLongWarmupConfident(nnUNetTrainerPLConLongWarmup):
 class nnUNetTrainerPLConLongWarmupOneLR(nnUNetTrainerPLConLongWarmup):
     """The half-run warm-up and rounds on FewLabels' single poly-LR decay (no restart at round 1)."""
     rounds_restart_lr = False
+
+
+class nnUNetTrainerPLConLongWarmupTeacher(nnUNetTrainerPLConLongWarmup):
+    """LongWarmup whose rounds 2-3 take their pseudo-labels from an EMA teacher, not the last step's network."""
+    pseudo_label_teacher = True
 
 
 class nnUNetTrainerPLConSelfTrain(nnUNetTrainerPLCon):

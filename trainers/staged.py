@@ -160,9 +160,14 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
     def _do_i_compile(self):
         return False  # the framework runs encoder and decoder separately: a compiled wrapper would be bypassed
 
+    def updates_teacher(self, stage) -> bool:
+        """Whether the EMA teacher is updated after each step of ``stage``: when one of its terms reads the teacher.
+        A trainer that reads the teacher outside the loss terms (e.g. to estimate pseudo-labels) extends this."""
+        return any(self.terms[u.term].uses_teacher for u in stage.terms)
+
     @property
     def uses_teacher(self) -> bool:
-        return any(self.terms[u.term].uses_teacher for s in self.plan.stages for u in s.terms)
+        return any(self.updates_teacher(s) for s in self.plan.stages)
 
     def configure_optimizers(self):
         """nnU-Net's SGD (momentum 0.99, Nesterov) over the network and every term's heads; poly LR per stage."""
@@ -359,7 +364,7 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
             raise RuntimeError(f"stage '{stage.name}': no loss term could be computed on this batch "
                                f"(rows {ctx.num_rows('labeled')} labeled, {ctx.num_rows('unlabeled')} unlabeled).")
         self._backward_and_step(total)
-        if self.teacher is not None and any(self.terms[u.term].uses_teacher for u in stage.terms):
+        if self.teacher is not None and self.updates_teacher(stage):
             self.teacher.update(self.network)
             for key, t in self.head_teachers.items():
                 name, head = key.split(".", 1)

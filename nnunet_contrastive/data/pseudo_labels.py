@@ -151,8 +151,9 @@ class PseudoLabelStore:
 
 
 # ------------------------------------------------------------------------------------------------ estimation
-def make_predictor(trainer, mirroring: bool = False, tile_step_size: float = 0.5):
-    """nnU-Net's predictor around the trainer's (unwrapped) network, as nnUNetTrainer.perform_actual_validation."""
+def make_predictor(trainer, mirroring: bool = False, tile_step_size: float = 0.5, network=None):
+    """nnU-Net's predictor around ``network`` (default: the trainer's network; unwrapped), as
+    nnUNetTrainer.perform_actual_validation."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunet_contrastive.components.heads import unwrap_network
@@ -160,7 +161,8 @@ def make_predictor(trainer, mirroring: bool = False, tile_step_size: float = 0.5
     predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=True, device=trainer.device, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
-    predictor.manual_initialization(unwrap_network(trainer.network), trainer.plans_manager,
+    predictor.manual_initialization(unwrap_network(trainer.network if network is None else network),
+                                    trainer.plans_manager,
                                     trainer.configuration_manager, None, trainer.dataset_json, type(trainer).__name__,
                                     trainer.inference_allowed_mirroring_axes)
     return predictor
@@ -187,14 +189,18 @@ def dice_per_class(pred: np.ndarray, gt: np.ndarray, classes: Sequence[int]) -> 
 
 
 def estimate_round(trainer, store: PseudoLabelStore, r: int, cases: Sequence[tuple], val_cases: Sequence[str] = (),
-                   mirroring: bool = False, log: Callable[[str], None] = print) -> dict:
+                   mirroring: bool = False, log: Callable[[str], None] = print, network=None,
+                   source: str = "network") -> dict:
     """Estimate (or finish estimating) round r for ``cases`` = [(dataset, case id), ...] (nnU-Net datasets whose
-    images are read image-only) with the trainer's current network; then the validation Dice on ``val_cases``
-    (the trainer's labeled preprocessed folder). Returns the completed manifest."""
+    images are read image-only) with ``network`` (default: the trainer's current network; ``source`` names it in
+    the log and manifest, e.g. "EMA teacher"); then the validation Dice on ``val_cases`` (the trainer's labeled
+    preprocessed folder). Returns the completed manifest."""
     from nnunet_contrastive.data.dataloading import load_image_only
 
-    net = trainer.network
+    net = trainer.network if network is None else network
     state = {"epoch": int(trainer.current_epoch), "network_sha1": network_fingerprint(net)}
+    if source != "network":
+        state["source"] = source
     done = set(store.begin(r, state))
     todo = [(ds, c) for ds, c in cases if c not in done]
     classes = [int(c) for c in trainer.label_manager.foreground_labels]
@@ -203,10 +209,10 @@ def estimate_round(trainer, store: PseudoLabelStore, r: int, cases: Sequence[tup
     net.eval()
     t0 = time.perf_counter()
     try:
-        predictor = make_predictor(trainer, mirroring)
+        predictor = make_predictor(trainer, mirroring, network=net)
         log(f"Pseudo-labels round {r}: {len(todo)} of {len(cases)} unlabeled cases to estimate"
             + (f" ({len(done)} kept from an interrupted estimation with the same network)" if done else "")
-            + f", network of epoch {state['epoch']}, mirroring {'on' if mirroring else 'off'}")
+            + f", {source} of epoch {state['epoch']}, mirroring {'on' if mirroring else 'off'}")
         every = max(1, len(todo) // 10)
         for i, (ds, c) in enumerate(todo):
             data, _ = load_image_only(ds, c)

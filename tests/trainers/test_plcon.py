@@ -235,6 +235,47 @@ def test_warmup_end_is_kept_and_starts_a_variant_with_the_same_warmup(in_process
     assert [f for f in os.listdir(b.output_folder) if f.endswith("_end.pth")] == []  # the rounds' ends: not kept
 
 
+def test_teacher_variant_from_a_kept_warmup_estimates_rounds_2_3_with_the_ema_teacher(in_process, monkeypatch):
+    """LongWarmupTeacher started from LongWarmup's kept warm-up (which has no teacher): round 1 is estimated with
+    the network; the teacher becomes the network at round 1's start, is averaged only over the rounds' steps, and
+    estimates rounds 2 and 3 (a network that is not the student's); LongWarmup itself keeps no teacher."""
+    import shutil
+
+    import nnunet_contrastive.trainers.plcon as P
+    from nnunet_contrastive.data.pseudo_labels import network_fingerprint
+    from nnunet_contrastive.trainers import nnUNetTrainerPLConLongWarmup, nnUNetTrainerPLConLongWarmupTeacher
+
+    assert nnUNetTrainerPLConLongWarmupTeacher.warmup_key() == nnUNetTrainerPLConLongWarmup.warmup_key()
+    a = build_trainer(in_process, "nnUNetTrainerPLConLongWarmup")
+    _train_until_estimating(a, 1, write_first=False)
+    assert a.teacher is None
+
+    b = build_trainer(in_process, "nnUNetTrainerPLConLongWarmupTeacher")
+    os.makedirs(b.output_folder, exist_ok=True)
+    shutil.copyfile(os.path.join(a.output_folder, "checkpoint_warmup_end.pth"),
+                    os.path.join(b.output_folder, "checkpoint_latest.pth"))
+    b.load_checkpoint(os.path.join(b.output_folder, "checkpoint_latest.pth"))
+    calls, original = [], P.estimate_round
+
+    def recording(trainer, store, r, *args, network=None, **kw):
+        calls.append((r, network_fingerprint(trainer.network if network is None else network),
+                      network_fingerprint(trainer.network), network_fingerprint(trainer.teacher.module),
+                      trainer.teacher.num_updates))
+        return original(trainer, store, r, *args, network=network, **kw)
+
+    monkeypatch.setattr(P, "estimate_round", recording)
+    b.run_training()
+    assert [c[0] for c in calls] == [1, 2, 3]
+    r1, r2, r3 = calls
+    assert r1[1] == r1[2] != r1[3]  # round 1: the network; the teacher is not yet synced (no teacher in the warm-up)
+    its = b.num_iterations_per_epoch
+    for c, updates in ((r2, its), (r3, 2 * its)):  # synced at round 1's start, then one update per rounds' step
+        assert c[1] == c[3] != c[2] and c[4] == updates
+    manifests = [b.pseudo_label_store.manifest(r)["state"] for r in (1, 2, 3)]
+    assert [m.get("source") for m in manifests] == [None, "EMA teacher", "EMA teacher"]
+    assert b.teacher.decay == pytest.approx(min(0.999, 1 - 1 / max(2.0, 0.3 * its)))
+
+
 def test_plcon_never_reads_unlabeled_labels_and_gradients_reach_head_and_network(in_process, tmp_path):
     """Hide every unlabeled case's label file, estimate round 1 and train on mixed batches: the contrast reads
     ground truth on labeled rows and pseudo-labels (never a gradient) on unlabeled rows."""
