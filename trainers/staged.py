@@ -314,6 +314,11 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
 
     # ------------------------------------------------------------------ loop hooks
     def on_train_start(self):
+        if self.plan.starts_stage(self.current_epoch):
+            # resumed (--c, or a kept stage end) at a stage's first epoch: the uninterrupted run built this stage's
+            # loaders (and estimated its pseudo-labels) after writing that checkpoint, drawing from the generators
+            # as saved, so they are restored before the loaders are built, not after (no-op without a checkpoint)
+            self._continue_random_streams()
         super().on_train_start()  # builds the loaders of the current stage (get_dataloaders -> do_split)
         if not self._loaded_checkpoint and self.teacher is not None:
             # fresh run, or -pretrained_weights loaded into the student after initialize(): teacher = student

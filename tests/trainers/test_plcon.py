@@ -235,6 +235,43 @@ def test_warmup_end_is_kept_and_starts_a_variant_with_the_same_warmup(in_process
     assert [f for f in os.listdir(b.output_folder) if f.endswith("_end.pth")] == []  # the rounds' ends: not kept
 
 
+def test_a_run_started_from_the_kept_warmup_repeats_the_uninterrupted_run(in_process, monkeypatch):
+    """Seeded: a trainer with the same warm-up key and rounds (LongWarmup, under the stage-length variable) started
+    from PLCon's checkpoint_warmup_end.pth trains every round epoch bit-identically to PLCon's uninterrupted run
+    (the generators are restored before the round's loaders are built and its pseudo-labels estimated, as the
+    uninterrupted run drew them after writing that checkpoint)."""
+    import shutil
+
+    monkeypatch.setenv("nnUNet_contrastive_stage_epochs", "1,2,1,1")  # two epochs in round 1: resume inside a stage
+    snaps = {}
+
+    def record(trainer, tag):
+        original = trainer.on_epoch_end
+
+        def on_epoch_end():
+            snaps[tag, trainer.current_epoch] = {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
+            original()
+        trainer.on_epoch_end = on_epoch_end
+
+    a = build_trainer(in_process, "nnUNetTrainerPLCon")
+    record(a, "a")
+    a.run_training()
+    b = build_trainer(in_process, "nnUNetTrainerPLConLongWarmup")
+    os.makedirs(b.output_folder, exist_ok=True)
+    shutil.copyfile(os.path.join(a.output_folder, "checkpoint_warmup_end.pth"),
+                    os.path.join(b.output_folder, "checkpoint_latest.pth"))
+    b.load_checkpoint(os.path.join(b.output_folder, "checkpoint_latest.pth"))
+    record(b, "b")
+    b.run_training()
+    assert sorted(e for t, e in snaps if t == "b") == [1, 2, 3, 4]
+    for e in (1, 2, 3, 4):  # every epoch trains (the weights move), and both runs move the same way
+        assert any(not torch.equal(snaps["a", e][k], v) for k, v in snaps["a", e - 1].items()), f"epoch {e}"
+        assert all(torch.equal(snaps["a", e][k], v) for k, v in snaps["b", e].items()), f"epoch {e}"
+    for r in (1, 2, 3):
+        assert np.array_equal(np.load(os.path.join(a.pseudo_label_store.round_dir(r), f"{a.unlabeled_keys[0]}_pl.npy")),
+                              np.load(os.path.join(b.pseudo_label_store.round_dir(r), f"{a.unlabeled_keys[0]}_pl.npy")))
+
+
 def test_teacher_variant_from_a_kept_warmup_estimates_rounds_2_3_with_the_ema_teacher(in_process, monkeypatch):
     """LongWarmupTeacher started from LongWarmup's kept warm-up (which has no teacher): round 1 is estimated with
     the network; the teacher becomes the network at round 1's start, is averaged only over the rounds' steps, and
