@@ -44,10 +44,15 @@ curve is already flat (README, Results). Two one-change candidates against that 
 (pseudo-label CE weight 0.3) validation 0.665, test 0.599; ``…OneLR`` (``rounds_restart_lr = False``, FewLabels'
 single LR decay) validation 0.654, test 0.600: both closer, neither above FewLabels. Without that CE
 (``nnUNetTrainerPLConLongWarmup``, the paper's loss) validation 0.684, test 0.648: above FewLabels, one seed; over
-seeds 0-3 +0.019 +- 0.027 on test, losing the RV at seed 1. Two one-change candidates against that seed-1 loss,
+seeds 0-3 +0.019 +- 0.027 on test, losing the RV at seed 1; with one labeled patient (seed 0) test 0.558 against
+FewLabels' 0.536, validation 0.585 against 0.561. Two one-change candidates against that seed-1 loss,
 run there first: ``nnUNetTrainerPLConLongWarmupConfident`` (``min_confidence`` 0.9, wrong RV pseudo-labels out of
 the contrast) validation 0.612 and ``…OneLR`` (``rounds_restart_lr = False``) validation 0.598, both below
-LongWarmup's 0.629 and FewLabels' 0.680: neither kept (README, Results).
+LongWarmup's 0.629 and FewLabels' 0.680: neither kept (README, Results). A third,
+``nnUNetTrainerPLConLongWarmupTeacher`` (``pseudo_label_teacher``: rounds 2-3 estimate with an EMA teacher of the
+rounds' network, synced at round 1's start, window ``ema_window_fraction`` of a round), made worse round-2
+pseudo-labels than the network it averages (0.648 against 0.676; the network was still improving) and scored
+validation 0.594: not kept either.
 
 Observability (log, progress_contrastive.png): ``plcon_loss``, ``plcon_anchors_c<k>``, ``plcon_images``, and per
 round ``plcon_round``, ``plcon_changed`` (fraction of unlabeled pixels whose pseudo-label changed at this
