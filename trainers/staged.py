@@ -317,7 +317,8 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
         if self.plan.starts_stage(self.current_epoch):
             # resumed (--c, or a kept stage end) at a stage's first epoch: the uninterrupted run built this stage's
             # loaders (and estimated its pseudo-labels) after writing that checkpoint, drawing from the generators
-            # as saved, so they are restored before the loaders are built, not after (no-op without a checkpoint)
+            # as saved, so they are restored before the loaders are built, not after (no-op without a checkpoint;
+            # the base's call after the loaders then finds nothing left to restore)
             self._continue_random_streams()
         super().on_train_start()  # builds the loaders of the current stage (get_dataloaders -> do_split)
         if not self._loaded_checkpoint and self.teacher is not None:

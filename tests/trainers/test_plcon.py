@@ -201,12 +201,23 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def _start_from_kept_warmup(prepared, source, trainer: str):
+    """``trainer`` on the phantoms, resumed from ``source``'s checkpoint_warmup_end.pth as the benchmark's
+    --share-warmup does (copied into its fold folder as checkpoint_latest.pth, then --c)."""
+    import shutil
+
+    b = build_trainer(prepared, trainer)
+    os.makedirs(b.output_folder, exist_ok=True)
+    shutil.copyfile(os.path.join(source.output_folder, "checkpoint_warmup_end.pth"),
+                    os.path.join(b.output_folder, "checkpoint_latest.pth"))
+    b.load_checkpoint(os.path.join(b.output_folder, "checkpoint_latest.pth"))
+    return b
+
+
 def test_warmup_end_is_kept_and_starts_a_variant_with_the_same_warmup(in_process):
     """checkpoint_warmup_end.pth holds the state at the switch to round 1 (network, optimizer, generators, log: all
     equal to checkpoint_latest.pth of that epoch), no other stage's end is kept, and a variant with the same warm-up
     key (self-training) resumes from it with --c and trains its rounds."""
-    import shutil
-
     a = build_trainer(in_process, "nnUNetTrainerPLCon")
     a.save_every = 1
     _train_until_estimating(a, 1, write_first=False)  # round 1 is estimated right after the warm-up's last epoch
@@ -221,11 +232,7 @@ def test_warmup_end_is_kept_and_starts_a_variant_with_the_same_warmup(in_process
     from nnunet_contrastive.trainers import nnUNetTrainerPLCon, nnUNetTrainerPLConSelfTrain
 
     assert nnUNetTrainerPLConSelfTrain.warmup_key() == nnUNetTrainerPLCon.warmup_key()
-    b = build_trainer(in_process, "nnUNetTrainerPLConSelfTrain")
-    os.makedirs(b.output_folder, exist_ok=True)
-    shutil.copyfile(os.path.join(a.output_folder, "checkpoint_warmup_end.pth"),
-                    os.path.join(b.output_folder, "checkpoint_latest.pth"))
-    b.load_checkpoint(os.path.join(b.output_folder, "checkpoint_latest.pth"))
+    b = _start_from_kept_warmup(in_process, a, "nnUNetTrainerPLConSelfTrain")
     assert b.current_epoch == 1
     assert all(torch.equal(v, kept["network_weights"][k]) for k, v in b.network.state_dict().items())
     b.run_training()
@@ -240,8 +247,6 @@ def test_a_run_started_from_the_kept_warmup_repeats_the_uninterrupted_run(in_pro
     from PLCon's checkpoint_warmup_end.pth trains every round epoch bit-identically to PLCon's uninterrupted run
     (the generators are restored before the round's loaders are built and its pseudo-labels estimated, as the
     uninterrupted run drew them after writing that checkpoint)."""
-    import shutil
-
     monkeypatch.setenv("nnUNet_contrastive_stage_epochs", "1,2,1,1")  # two epochs in round 1: resume inside a stage
     snaps = {}
 
@@ -256,11 +261,7 @@ def test_a_run_started_from_the_kept_warmup_repeats_the_uninterrupted_run(in_pro
     a = build_trainer(in_process, "nnUNetTrainerPLCon")
     record(a, "a")
     a.run_training()
-    b = build_trainer(in_process, "nnUNetTrainerPLConLongWarmup")
-    os.makedirs(b.output_folder, exist_ok=True)
-    shutil.copyfile(os.path.join(a.output_folder, "checkpoint_warmup_end.pth"),
-                    os.path.join(b.output_folder, "checkpoint_latest.pth"))
-    b.load_checkpoint(os.path.join(b.output_folder, "checkpoint_latest.pth"))
+    b = _start_from_kept_warmup(in_process, a, "nnUNetTrainerPLConLongWarmup")
     record(b, "b")
     b.run_training()
     assert sorted(e for t, e in snaps if t == "b") == [1, 2, 3, 4]
@@ -276,8 +277,6 @@ def test_teacher_variant_from_a_kept_warmup_estimates_rounds_2_3_with_the_ema_te
     """LongWarmupTeacher started from LongWarmup's kept warm-up (which has no teacher): round 1 is estimated with
     the network; the teacher becomes the network at round 1's start, is averaged only over the rounds' steps, and
     estimates rounds 2 and 3 (a network that is not the student's); LongWarmup itself keeps no teacher."""
-    import shutil
-
     import nnunet_contrastive.trainers.plcon as P
     from nnunet_contrastive.data.pseudo_labels import network_fingerprint
     from nnunet_contrastive.trainers import nnUNetTrainerPLConLongWarmup, nnUNetTrainerPLConLongWarmupTeacher
@@ -287,11 +286,7 @@ def test_teacher_variant_from_a_kept_warmup_estimates_rounds_2_3_with_the_ema_te
     _train_until_estimating(a, 1, write_first=False)
     assert a.teacher is None
 
-    b = build_trainer(in_process, "nnUNetTrainerPLConLongWarmupTeacher")
-    os.makedirs(b.output_folder, exist_ok=True)
-    shutil.copyfile(os.path.join(a.output_folder, "checkpoint_warmup_end.pth"),
-                    os.path.join(b.output_folder, "checkpoint_latest.pth"))
-    b.load_checkpoint(os.path.join(b.output_folder, "checkpoint_latest.pth"))
+    b = _start_from_kept_warmup(in_process, a, "nnUNetTrainerPLConLongWarmupTeacher")
     calls, original = [], P.estimate_round
 
     def recording(trainer, store, r, *args, network=None, **kw):
