@@ -75,7 +75,8 @@ from nnunet_contrastive.trainers.staged import DEFAULT_NUM_EPOCHS, nnUNetTrainer
 
 __all__ = ["nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConConfident", "nnUNetTrainerPLConSG",
            "nnUNetTrainerPLConLongWarmup", "nnUNetTrainerPLConLongWarmupConfident",
-           "nnUNetTrainerPLConLongWarmupOneLR", "nnUNetTrainerPLConLongWarmupTeacher", "nnUNetTrainerPLConSelfTrain",
+           "nnUNetTrainerPLConLongWarmupOneLR", "nnUNetTrainerPLConLongWarmupTeacher",
+           "nnUNetTrainerPLConLongWarmupMirrored", "nnUNetTrainerPLConSelfTrain",
            "nnUNetTrainerPLConSelfTrainBalanced", "nnUNetTrainerPLConSelfTrainLongWarmup",
            "nnUNetTrainerPLConSelfTrainLongWarmupLowCE", "nnUNetTrainerPLConSelfTrainLongWarmupOneLR"]
 
@@ -244,6 +245,11 @@ class nnUNetTrainerPLConLongWarmupOneLR(nnUNetTrainerPLConLongWarmup):
 class nnUNetTrainerPLConLongWarmupTeacher(nnUNetTrainerPLConLongWarmup):
     """LongWarmup whose rounds 2-3 take their pseudo-labels from an EMA teacher, not the last step's network."""
     pseudo_label_teacher = True
+
+
+class nnUNetTrainerPLConLongWarmupMirrored(nnUNetTrainerPLConLongWarmup):
+    """LongWarmup whose pseudo-labels are estimated with test-time mirroring (nnU-Net's predictor, ~4x its cost)."""
+    pseudo_label_mirroring = True
 
 
 class nnUNetTrainerPLConSelfTrain(nnUNetTrainerPLCon):

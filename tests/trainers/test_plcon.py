@@ -308,6 +308,32 @@ def test_teacher_variant_from_a_kept_warmup_estimates_rounds_2_3_with_the_ema_te
     assert b.teacher.decay == pytest.approx(min(0.999, 1 - 1 / max(2.0, 0.3 * its)))
 
 
+def test_mirrored_variant_estimates_with_test_time_mirroring(in_process):
+    """LongWarmupMirrored declares LongWarmup's stages and warm-up (it may start from its kept warm-up) and its
+    round-1 estimate is the mirrored one: the stored confidence is that of nnU-Net's predictor with mirroring, not
+    without, and the mirrored logits are equivariant to a flip of the image (the plain ones are not)."""
+    from nnunet_contrastive.data.dataloading import load_image_only
+    from nnunet_contrastive.data.pseudo_labels import make_predictor, predict_case
+    from nnunet_contrastive.trainers import nnUNetTrainerPLConLongWarmup, nnUNetTrainerPLConLongWarmupMirrored
+
+    assert nnUNetTrainerPLConLongWarmupMirrored.warmup_key() == nnUNetTrainerPLConLongWarmup.warmup_key()
+    assert nnUNetTrainerPLConLongWarmupMirrored.declare_stages() == nnUNetTrainerPLConLongWarmup.declare_stages()
+    t = build_trainer(in_process, "nnUNetTrainerPLConLongWarmupMirrored")
+    _train_until_estimating(t, 1, write_first=True)
+    ds, case = t.unlabeled_cases()[0]
+    stored = np.load(os.path.join(t.pseudo_label_store.round_dir(1), f"{case}_conf.npy"))[0]
+    data, _ = load_image_only(ds, case)
+    t.set_deep_supervision_enabled(False)
+    t.network.eval()
+    on, off = make_predictor(t, True), make_predictor(t, False)
+    assert np.array_equal(stored, predict_case(on, data)[1]) and not np.array_equal(stored, predict_case(off, data)[1])
+    x = torch.randn((data.shape[0], 1, *t.configuration_manager.patch_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # one patch-sized tile, no padding: the mirrored average commutes with the flip exactly
+        err = {m: float((p.predict_sliding_window_return_logits(x).float() - p.predict_sliding_window_return_logits(
+            torch.flip(x, (-1,))).float().flip(-1)).abs().max()) for m, p in (("on", on), ("off", off))}
+    assert err["on"] < 0.01 * err["off"], err  # fp16 logits: "on" differs by their rounding only
+
+
 def test_plcon_never_reads_unlabeled_labels_and_gradients_reach_head_and_network(in_process, tmp_path):
     """Hide every unlabeled case's label file, estimate round 1 and train on mixed batches: the contrast reads
     ground truth on labeled rows and pseudo-labels (never a gradient) on unlabeled rows."""
