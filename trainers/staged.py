@@ -47,6 +47,13 @@ MetaLabelError = ML.MetaLabelError
 DEFAULT_NUM_EPOCHS = 1000
 
 
+def _stable_repr(value) -> str:
+    """repr, but a function by its qualified name (its repr holds a memory address, different in every process)."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)
+
+
 def load_terms_state(terms: nn.Module, state: dict, who: str) -> None:
     """Load the loss terms' state_dict. A checkpoint older than a term's extra state (``get_extra_state``, e.g.
     ARCO's sampler generator) still loads, and that term starts a fresh one; any other missing or unexpected key
@@ -110,7 +117,7 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
         return json.dumps({
             "shared": [repr(s) for s in plan.stages[:last + 1]],
             "later": [[s.name, s.epochs, s.fresh_lr, s.warmup, s.fresh_momentum] for s in plan.stages[last + 1:]],
-            "attributes": {a: repr(getattr(cls, a)) for a in cls.warmup_attributes},
+            "attributes": {a: _stable_repr(getattr(cls, a)) for a in cls.warmup_attributes},
             "code": [getattr(cls, m).__qualname__ for m in ("build_terms", "build_network_architecture",
                                                              "configure_optimizers", "get_dataloaders")]})
 
@@ -199,9 +206,16 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
     def current_stage(self):
         return self.plan.stage(self.current_epoch)
 
+    def _epoch_float(self) -> float:
+        return min(self.current_epoch, self.num_epochs - 1) + self._iteration / max(1, self.num_iterations_per_epoch)
+
     def progress(self) -> float:
-        it = self._iteration / max(1, self.num_iterations_per_epoch)
-        return self.plan.progress(min(self.current_epoch, self.num_epochs - 1) + it)
+        """Fractional progress in the current stage (steps every iteration)."""
+        return self.plan.progress(self._epoch_float())
+
+    def training_progress(self) -> float:
+        """Fractional progress through the stages after the pre-training (StagePlan.training_progress)."""
+        return self.plan.training_progress(self._epoch_float())
 
     def request_loader_rebuild(self) -> None:
         """A term (e.g. a pseudo-label refresh) asks for new loaders at the next epoch start."""
@@ -345,11 +359,11 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
     def train_step(self, batch: dict) -> dict:
         stage = self.current_stage()
         progress = self.progress()
-        self.lr_scheduler.set(min(self.current_epoch, self.num_epochs - 1)
-                              + self._iteration / max(1, self.num_iterations_per_epoch))
+        self.lr_scheduler.set(self._epoch_float())
         ctx = StepContext(batch, self.device, unwrap_network(self.network),
                           self.teacher.module if self.teacher is not None else None,
-                          self._flip_generator if stage.flip_student else None, progress, stage, self)
+                          self._flip_generator if stage.flip_student else None, progress, stage, self,
+                          training_progress=self.training_progress())
         self.optimizer.zero_grad(set_to_none=True)
         stats, total = {}, None
         with self._autocast():

@@ -31,12 +31,15 @@ _VIEW_KEYS = ("data", "data_view2")
 class StepContext:
     """Per-iteration cache. ``batch``: the loader's batch (tensors on any device); ``student``: the plain network
     (unwrapped); ``teacher``: the teacher's network copy or None; ``flip_generator``: CPU generator, or None for
-    no student flip; ``progress``: fractional progress in the stage."""
+    no student flip; ``progress``: fractional progress in the stage; ``training_progress``: fractional progress
+    through the stages after the pre-training (StagePlan.training_progress; default: ``progress``)."""
 
     def __init__(self, batch: dict, device: torch.device, student, teacher=None,
-                 flip_generator: Optional[torch.Generator] = None, progress: float = 0.0, stage=None, trainer=None):
+                 flip_generator: Optional[torch.Generator] = None, progress: float = 0.0, stage=None, trainer=None,
+                 training_progress: Optional[float] = None):
         self.batch, self.device, self.student, self.teacher = batch, device, student, teacher
         self.flip_generator, self.progress, self.stage, self.trainer = flip_generator, progress, stage, trainer
+        self.training_progress = progress if training_progress is None else training_progress
         self._inputs: dict = {}
         self._cache: dict = {}
         self._flip_dims = None

@@ -195,6 +195,16 @@ class StagePlan:
         i = self.index(int(epoch))
         return min(max((epoch - self.starts[i]) / self.stages[i].epochs, 0.0), 1.0)
 
+    def training_progress(self, epoch: float) -> float:
+        """Fractional progress in [0, 1] through the stages after the label-free pre-training (all stages when
+        there is none) at (fractional) ``epoch``: 0 during the pre-training. A schedule that spans several stages
+        (e.g. a self-paced pace over a warm-up and the pseudo-label rounds after it) reads this."""
+        first = next((i for i, s in enumerate(self.stages) if not s.pretraining), None)
+        if first is None:
+            return 0.0
+        start = self.starts[first]
+        return min(max((epoch - start) / max(self.num_epochs - start, 1), 0.0), 1.0)
+
     def starts_stage(self, epoch: int) -> bool:
         return epoch in self.starts
 

@@ -85,3 +85,15 @@ def test_poly_lr_of_one_stage_equals_nnunets_and_warmup_ramps():
     assert lr[0] < lr[1]  # ramping: at 1/4 of stage b's progress the warm-up (half the stage) is half done
     assert lr[1] == pytest.approx(0.01 * (1 - 0.25) ** 0.9 * 0.5)
     assert lr[2] == pytest.approx(0.01 * (1 - 0.5) ** 0.9)
+
+
+def test_training_progress_spans_the_stages_after_the_pretraining():
+    def st(name, n, pre=False):
+        return Stage(name, n, LoaderSpec(), terms=(Use("sup"),), pretraining=pre)
+
+    plan = StagePlan.resolve([st("pre", 10, True), st("a", 20), st("b", 10)], 40)
+    for epoch, want in ((0, 0.0), (5, 0.0), (10, 0.0), (25, 0.5), (30, 20 / 30), (39.5, 29.5 / 30), (40, 1.0)):
+        assert plan.training_progress(epoch) == pytest.approx(want), epoch
+    assert plan.progress(30) == 0.0  # stage b starts: the stage clock restarts, the training clock does not
+    plain = StagePlan.resolve([st("a", 4), st("b", 4)], 8)
+    assert [plain.training_progress(e) for e in (0, 2, 4, 6, 8)] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
