@@ -73,7 +73,7 @@ from nnunet_contrastive.terms.pseudo_label import PseudoLabelCETerm, class_balan
 from nnunet_contrastive.trainers.base import SCHEDULE_ENV
 from nnunet_contrastive.trainers.staged import DEFAULT_NUM_EPOCHS, nnUNetTrainerStaged
 
-__all__ = ["nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConConfident", "nnUNetTrainerPLConSG",
+__all__ = ["PseudoLabelRounds", "nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConConfident", "nnUNetTrainerPLConSG",
            "nnUNetTrainerPLConLongWarmup", "nnUNetTrainerPLConLongWarmupConfident",
            "nnUNetTrainerPLConLongWarmupOneLR", "nnUNetTrainerPLConLongWarmupTeacher",
            "nnUNetTrainerPLConLongWarmupMirrored", "nnUNetTrainerPLConSelfTrain",
@@ -81,15 +81,16 @@ __all__ = ["nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConC
            "nnUNetTrainerPLConSelfTrainLongWarmupLowCE", "nnUNetTrainerPLConSelfTrainLongWarmupOneLR"]
 
 
-class nnUNetTrainerPLCon(nnUNetTrainerStaged):
-    """Supervised warm-up, then R self-training rounds: Dice+CE on ground truth + lambda x pixel contrast on ground
-    truth and pseudo-labels, pseudo-labels re-estimated by nnU-Net's predictor at every round (Chaitanya et al.)."""
+class PseudoLabelRounds:
+    """Mixin of the staged trainers that end in pseudo-label rounds (nnUNetTrainerPLCon, nnUNetTrainerComposed): a
+    warm-up of ``warmup_fraction`` of the run, then ``num_rounds`` stages named ``round<r>`` that each start by
+    (re-)estimating the pseudo-labels of every unlabeled case with the current network (or its EMA teacher) and
+    feed them to the loader; the pixel contrast ("plcon") on ground truth and pseudo-labels, and optionally the
+    pseudo-label CE ("plce"), are added to the rounds' terms. Put it before the staged trainer in the bases."""
 
     warmup_fraction = 0.25
     num_rounds = 3
-    unlabeled_batch_ratio = 0.5  # unlabeled rows per batch, as a fraction of the plans' batch size (labeled rows)
     lambda_cont = 0.1
-    temperature = 0.1
     pixels_per_class = 3
     embedding_dim = 16
     inter_image = True
@@ -97,13 +98,10 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
     pixel_sampler = "ns"  # nnunet_contrastive.components.samplers: "ns", "sg", "sag"
     pseudo_label_mirroring = False  # test-time mirroring of the estimation (nnU-Net's predictor)
     pseudo_label_teacher = False  # True: rounds >= 2 estimate with an EMA teacher of the rounds' network
-    ema_window_fraction = 0.3  # that teacher averages over the last ~30 % of a round's iterations (capped by 0.999)
     pseudo_label_ce_weight = 0.0  # > 0: + weight x CE on the pseudo-labels of unlabeled rows (paper: none, Table II)
     pseudo_label_ce_confidence = 0.9  # pixels below this pseudo-label confidence are left out of that CE
     pseudo_label_ce_class_balanced = False  # True: that CE averages per-class means (terms.pseudo_label)
     rounds_restart_lr = True  # round 1 restarts the poly LR and momentum; False: one decay over the run (FewLabels')
-    stage_checkpoints = ("warmup",)  # checkpoint_warmup_end.pth: variants with equal warmup_key share the warm-up
-    warmup_attributes = ("embedding_dim",)  # the pixel head is built (from the seeded generator) before the warm-up
 
     # ------------------------------------------------------------------ declarations
     @classmethod
@@ -112,31 +110,38 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
         return int(raw) if raw else DEFAULT_NUM_EPOCHS
 
     @classmethod
-    def declare_stages(cls) -> list:
+    def round_lengths(cls) -> tuple:
+        """(warm-up epochs, [epochs of each round]) of the planned run."""
         total = cls.planned_epochs()
         warm = max(1, int(round(total * cls.warmup_fraction)))
         rest = max(total - warm, 1)
-        lengths = [rest // cls.num_rounds + (1 if i < rest % cls.num_rounds else 0) for i in range(cls.num_rounds)]
-        stages = [Stage("warmup", warm, LoaderSpec(labeled="batch"), terms=(Use("sup", rows="labeled"),))]
-        for i, n in enumerate(lengths):
-            stages.append(Stage(f"round{i + 1}", n,
-                                LoaderSpec(labeled="batch", unlabeled=float(cls.unlabeled_batch_ratio)),
-                                trains=("network", "plcon"),
-                                terms=(Use("sup", rows="labeled"), Use("plcon", cls.lambda_cont, rows="all"))
-                                + ((Use("plce", cls.pseudo_label_ce_weight, rows="unlabeled"),)
-                                   if cls.pseudo_label_ce_weight > 0 else ()),
-                                fresh_lr=i == 0 and cls.rounds_restart_lr,
-                                fresh_momentum=i == 0 and cls.rounds_restart_lr,
-                                resync_teacher=i == 0 and cls.pseudo_label_teacher))
-        return stages
+        return warm, [rest // cls.num_rounds + (1 if i < rest % cls.num_rounds else 0) for i in range(cls.num_rounds)]
 
-    def build_terms(self) -> dict:
+    @classmethod
+    def pixel_uses(cls) -> tuple:
+        """(the pixel contrast on all rows, the pseudo-label CE on unlabeled rows when it is on) as stage terms."""
+        plcon = (Use("plcon", cls.lambda_cont, rows="all"),)
+        plce = (Use("plce", cls.pseudo_label_ce_weight, rows="unlabeled"),) if cls.pseudo_label_ce_weight > 0 else ()
+        return plcon, plce
+
+    @classmethod
+    def round_stages(cls, lengths, loader: LoaderSpec, trains: tuple, terms: tuple, flip_student: bool = False
+                     ) -> list:
+        """The rounds with ``terms`` (the pixel terms of ``pixel_uses`` among them); the pixel head trains with
+        ``trains``; round 1 restarts the LR (``rounds_restart_lr``) and re-syncs the teacher when the pseudo-labels
+        come from it."""
+        return [Stage(f"round{i + 1}", n, loader, trains=tuple(trains) + ("plcon",), terms=tuple(terms),
+                      fresh_lr=i == 0 and cls.rounds_restart_lr, fresh_momentum=i == 0 and cls.rounds_restart_lr,
+                      resync_teacher=i == 0 and cls.pseudo_label_teacher, flip_student=flip_student)
+                for i, n in enumerate(lengths)]
+
+    def pixel_terms(self, temperature: float) -> dict:
+        """The rounds' terms: "plcon" (pixel contrast, head on the last decoder stage) and "plce"."""
         if self.label_manager.has_regions:
             raise ValueError(f"{type(self).__name__}: region-based datasets are not supported (pseudo-labels are "
                              f"class labels).")
         head = PixelEmbeddingHead.for_network(self.network, self.embedding_dim)
-        return {"sup": SupervisedTerm(),
-                "plcon": PixelContrastTerm(head, self.label_manager.foreground_labels, self.temperature,
+        return {"plcon": PixelContrastTerm(head, self.label_manager.foreground_labels, temperature,
                                            self.pixels_per_class, self.inter_image, build_sampler(self.pixel_sampler),
                                            self.min_confidence),
                 "plce": PseudoLabelCETerm(self.pseudo_label_ce_confidence,
@@ -208,6 +213,28 @@ class nnUNetTrainerPLCon(nnUNetTrainerStaged):
         confidence = self.min_confidence > 0 or (self.pseudo_label_ce_weight > 0
                                                  and self.pseudo_label_ce_confidence > 0)
         return {"pseudo_labels": self.pseudo_label_store.source(r, confidence=confidence)}
+
+
+class nnUNetTrainerPLCon(PseudoLabelRounds, nnUNetTrainerStaged):
+    """Supervised warm-up, then R self-training rounds: Dice+CE on ground truth + lambda x pixel contrast on ground
+    truth and pseudo-labels, pseudo-labels re-estimated by nnU-Net's predictor at every round (Chaitanya et al.)."""
+
+    unlabeled_batch_ratio = 0.5  # unlabeled rows per batch, as a fraction of the plans' batch size (labeled rows)
+    temperature = 0.1
+    ema_window_fraction = 0.3  # that teacher averages over the last ~30 % of a round's iterations (capped by 0.999)
+    stage_checkpoints = ("warmup",)  # checkpoint_warmup_end.pth: variants with equal warmup_key share the warm-up
+    warmup_attributes = ("embedding_dim",)  # the pixel head is built (from the seeded generator) before the warm-up
+
+    @classmethod
+    def declare_stages(cls) -> list:
+        warm, lengths = cls.round_lengths()
+        plcon, plce = cls.pixel_uses()
+        return [Stage("warmup", warm, LoaderSpec(labeled="batch"), terms=(Use("sup", rows="labeled"),))] + \
+            cls.round_stages(lengths, LoaderSpec(labeled="batch", unlabeled=float(cls.unlabeled_batch_ratio)),
+                             trains=("network",), terms=(Use("sup", rows="labeled"),) + plcon + plce)
+
+    def build_terms(self) -> dict:
+        return {"sup": SupervisedTerm(), **self.pixel_terms(self.temperature)}
 
 
 # ---------------------------------------------------------------------------------------------------- variants
