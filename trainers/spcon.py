@@ -34,6 +34,7 @@ from nnunet_contrastive.components.heads import GlobalProjectionHead
 from nnunet_contrastive.framework.schedules import SigmoidRampup
 from nnunet_contrastive.framework.stages import LoaderSpec, Stage, Use
 from nnunet_contrastive.terms import MeanTeacherTerm, MetaLabelContrastTerm, SupervisedTerm
+from nnunet_contrastive.terms.meta_contrast import stage_progress
 from nnunet_contrastive.trainers.staged import PARTITION, MetaLabelError, nnUNetTrainerStaged
 
 __all__ = ["nnUNetTrainerSPCon", "nnUNetTrainerSPConPretrain", "nnUNetTrainerSPConSemiOnly", "nnUNetTrainerSPConHard",
@@ -60,6 +61,7 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
     gamma_start = {PARTITION: 0.15, "patient": 0.11, "phase": 0.06}
     gamma_end = {PARTITION: 1.8, "patient": 1.5, "phase": 1.5}
     gamma_power = 0.5
+    pace = staticmethod(stage_progress)  # gamma's clock (terms.meta_contrast): progress in the stage
     head_dim = 256
     head_grid = 2
     # stage 2 (Eq. 15): the plans' batch_size labeled rows (what stock nnU-Net trains on) PLUS
@@ -80,15 +82,22 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
                      trains=("encoder", "sp"), terms=(Use("sp"),), pretraining=True)
 
     @classmethod
+    def semi_loader(cls) -> LoaderSpec:
+        """Stage 2's batches: the plans' batch of labeled rows + unlabeled rows, two views sharing the spatial
+        transform."""
+        return LoaderSpec(labeled="batch", unlabeled=float(cls.unlabeled_batch_ratio), views=2, share_spatial=True)
+
+    @classmethod
+    def semi_terms(cls, mt_weight) -> tuple:
+        """Stage 2's terms (Eq. 15) with the Mean-Teacher weight ``mt_weight`` (a number or a ramp)."""
+        return (Use("sup", rows="labeled"), Use("mt", mt_weight, rows="unlabeled"),
+                Use("sp", cls.lambda_sp, rows="unlabeled"))
+
+    @classmethod
     def semi_stage(cls) -> Stage:
         """Dice+CE on labeled rows + Mean Teacher and SP-con on unlabeled rows (Eq. 15)."""
-        return Stage("semi", None,
-                     LoaderSpec(labeled="batch", unlabeled=float(cls.unlabeled_batch_ratio), views=2,
-                                share_spatial=True),
-                     trains=("network", "sp"),
-                     terms=(Use("sup", rows="labeled"),
-                            Use("mt", SigmoidRampup(cls.lambda_reg, cls.mt_rampup_fraction), rows="unlabeled"),
-                            Use("sp", cls.lambda_sp, rows="unlabeled")),
+        return Stage("semi", None, cls.semi_loader(), trains=("network", "sp"),
+                     terms=cls.semi_terms(SigmoidRampup(cls.lambda_reg, cls.mt_rampup_fraction)),
                      resync_teacher=True, flip_student=True, warmup=cls.semi_warmup)
 
     @classmethod
@@ -101,8 +110,7 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
                 "sp": MetaLabelContrastTerm(head, temperature=self.temperature, weighting=self.weighting,
                                             label_weights=self.meta_label_weights, gamma_start=self.gamma_start,
                                             gamma_end=self.gamma_end, gamma_power=self.gamma_power,
-                                            self_paced=self.self_paced)}
-
+                                            self_paced=self.self_paced, pace=self.pace)}
     def on_train_start(self):
         super().on_train_start()
         self.print_to_log_file(
