@@ -77,6 +77,18 @@ def run_cli(args, env, timeout=900) -> str:
     return out.stdout
 
 
+def train_phantom_cli(prepared: dict, trainer: str, plans: str = "nnUNetPlans_cpu_small", **schedule) -> tuple:
+    """``nnUNetv2_train`` of ``trainer`` on the phantoms (fold 0, CPU) with the short-run variables ``schedule``
+    (10 iterations and 1 validation iteration per epoch unless given); returns (stdout, env, fold folder)."""
+    schedule.setdefault("nnUNet_contrastive_iterations", 10)
+    schedule.setdefault("nnUNet_contrastive_val_iterations", 1)
+    env = cli_env(prepared["folders"], **schedule)
+    out = run_cli(["nnUNetv2_train", PHANTOM_ID, "2d", "0", "-tr", trainer, "-p", plans, "-device", "cpu"], env)
+    fold = os.path.join(prepared["folders"]["nnUNet_results"], f"Dataset{PHANTOM_ID}_E2E", f"{trainer}__{plans}__2d",
+                        "fold_0")
+    return out, env, fold
+
+
 @pytest.fixture(scope="session")
 def phantom_prepared(tmp_path_factory):
     """Phantoms (6 training + 2 test patients, 48x48) planned and preprocessed by nnU-Net (2d), metadata checked

@@ -6,9 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import PHANTOM_ID, cli_env, predict_and_dice, run_cli
-
-PLANS = "nnUNetPlans_cpu_small"
+from conftest import predict_and_dice, train_phantom_cli
 
 
 def test_variants_differ_only_in_the_sampler_and_are_exported():
@@ -31,13 +29,8 @@ def test_variants_differ_only_in_the_sampler_and_are_exported():
 @pytest.mark.slow
 def test_arco_cli_train_predict_evaluate(phantom_prepared):
     prepared = phantom_prepared
-    env = cli_env(prepared["folders"], nnUNet_contrastive_epochs=4, nnUNet_contrastive_iterations=10,
-                  nnUNet_contrastive_val_iterations=1)
-    out = run_cli(["nnUNetv2_train", PHANTOM_ID, "2d", "0", "-tr", "nnUNetTrainerARCO", "-p", PLANS,
-                   "-device", "cpu"], env)
+    out, env, fold = train_phantom_cli(prepared, "nnUNetTrainerARCO", nnUNet_contrastive_epochs=4)
     assert "ARCO: sampler SGSampler" in out and "arco_loss" in out and "unsup_loss" in out
-    fold = os.path.join(prepared["folders"]["nnUNet_results"], f"Dataset{PHANTOM_ID}_E2E",
-                        f"nnUNetTrainerARCO__{PLANS}__2d", "fold_0")
     for f in ("checkpoint_final.pth", "checkpoint_teacher.pth", "progress_contrastive.png"):
         assert os.path.isfile(os.path.join(fold, f)), f
     ckpt = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)

@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (PHANTOM_ID, build_trainer, cli_env, hide_label_files, phantom_in_process, predict_and_dice,
-                      run_cli)
-
-PLANS = "nnUNetPlans_cpu_small"
+from conftest import build_trainer, hide_label_files, phantom_in_process, predict_and_dice, train_phantom_cli
 
 
 def test_stages_warm_up_half_the_run_then_three_rounds_with_every_term(monkeypatch):
@@ -90,14 +87,9 @@ def test_a_round_step_sums_all_four_terms_on_pseudo_labels_without_reading_unlab
 @pytest.mark.slow
 def test_composed_cli_train_predict_evaluate(phantom_prepared):
     prepared = phantom_prepared
-    env = cli_env(prepared["folders"], nnUNet_contrastive_stage_epochs="2,1,1,1", nnUNet_contrastive_iterations=10,
-                  nnUNet_contrastive_val_iterations=1)
-    out = run_cli(["nnUNetv2_train", PHANTOM_ID, "2d", "0", "-tr", "nnUNetTrainerComposed", "-p", PLANS,
-                   "-device", "cpu"], env)
+    out, env, fold = train_phantom_cli(prepared, "nnUNetTrainerComposed", nnUNet_contrastive_stage_epochs="2,1,1,1")
     assert "Pseudo-labels round 3 complete" in out and "plcon_loss" in out and "mt_loss" in out
     assert "gamma_partition" in out
-    fold = os.path.join(prepared["folders"]["nnUNet_results"], f"Dataset{PHANTOM_ID}_E2E",
-                        f"nnUNetTrainerComposed__{PLANS}__2d", "fold_0")
     for f in ("checkpoint_final.pth", "checkpoint_teacher.pth", "checkpoint_warmup_end.pth",
               "progress_contrastive.png", "pseudo_labels/round_3/manifest.json"):
         assert os.path.isfile(os.path.join(fold, f)), f

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nnunet_contrastive.trainers as T
-from conftest import PHANTOM_ID, build_trainer, cli_env, phantom_in_process, predict_and_dice, run_cli
+from conftest import build_trainer, phantom_in_process, predict_and_dice, train_phantom_cli
 from nnunet_contrastive.trainers.global_local import nnUNetTrainerGlobalLocal
 
 PLANS = "nnUNetPlans_cpu_small"
@@ -212,14 +212,9 @@ def test_every_strategy_takes_finite_steps(gl_env, monkeypatch, name, stage_epoc
 @pytest.mark.slow
 def test_global_local_cli_train_predict_evaluate(phantom_prepared):
     prepared = phantom_prepared
-    env = cli_env(prepared["folders"], nnUNet_contrastive_stage_epochs="1,1,2", nnUNet_contrastive_iterations=10,
-                  nnUNet_contrastive_val_iterations=1)
-    out = run_cli(["nnUNetv2_train", PHANTOM_ID, "2d", "0", "-tr", "nnUNetTrainerGlobalLocal", "-p", PLANS,
-                   "-device", "cpu"], env)
+    out, env, fold = train_phantom_cli(prepared, "nnUNetTrainerGlobalLocal", nnUNet_contrastive_stage_epochs="1,1,2")
     assert "stage 1: global" in out and "global_loss" in out
     assert "stage 2: local" in out and "local_loss" in out and "stage 3: supervised" in out
-    fold = os.path.join(prepared["folders"]["nnUNet_results"], f"Dataset{PHANTOM_ID}_E2E",
-                        f"nnUNetTrainerGlobalLocal__{PLANS}__2d", "fold_0")
     for f in ("checkpoint_final.pth", "progress.png", "progress_contrastive.png"):
         assert os.path.isfile(os.path.join(fold, f)), f
     dice = predict_and_dice(prepared, "nnUNetTrainerGlobalLocal", env, out_name="pred_global_local")

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (PHANTOM_ID, build_trainer, cli_env, hide_label_files, phantom_in_process, predict_and_dice,
-                      run_cli)
+from conftest import build_trainer, hide_label_files, phantom_in_process, predict_and_dice, train_phantom_cli
 
 pytestmark = pytest.mark.slow
-PLANS = "nnUNetPlans_cpu_small"
 
 
 @pytest.fixture
@@ -377,13 +375,8 @@ def test_plcon_never_reads_unlabeled_labels_and_gradients_reach_head_and_network
 
 def test_plcon_cli_train_predict_evaluate(phantom_prepared):
     prepared = phantom_prepared
-    env = cli_env(prepared["folders"], nnUNet_contrastive_stage_epochs="2,1,1,1", nnUNet_contrastive_iterations=10,
-                  nnUNet_contrastive_val_iterations=1)
-    out = run_cli(["nnUNetv2_train", PHANTOM_ID, "2d", "0", "-tr", "nnUNetTrainerPLCon", "-p", PLANS,
-                   "-device", "cpu"], env)
+    out, env, fold = train_phantom_cli(prepared, "nnUNetTrainerPLCon", nnUNet_contrastive_stage_epochs="2,1,1,1")
     assert "Pseudo-labels round 3 complete" in out and "plcon_loss" in out and "plcon_anchors_c1" in out
-    fold = os.path.join(prepared["folders"]["nnUNet_results"], f"Dataset{PHANTOM_ID}_E2E",
-                        f"nnUNetTrainerPLCon__{PLANS}__2d", "fold_0")
     for f in ("checkpoint_final.pth", "progress_contrastive.png", "pseudo_labels/round_3/manifest.json"):
         assert os.path.isfile(os.path.join(fold, f)), f
     dice = predict_and_dice(prepared, "nnUNetTrainerPLCon", env, out_name="pred_plcon")
