@@ -5,7 +5,7 @@ class is exported here; `__all__` is what the trainer index re-exports.
 """
 from nnunet_contrastive.trainers.arco import nnUNetTrainerARCO, nnUNetTrainerARCONS, nnUNetTrainerARCOSAG
 from nnunet_contrastive.trainers.base import nnUNetTrainerContrastiveBase
-from nnunet_contrastive.trainers.composed import nnUNetTrainerComposed
+from nnunet_contrastive.trainers.composed import nnUNetTrainerComposed, nnUNetTrainerComposedOneLR
 from nnunet_contrastive.trainers.few_labels import nnUNetTrainerFewLabels
 from nnunet_contrastive.trainers.global_local import (nnUNetTrainerGlobalLocal, nnUNetTrainerGlobalLocalGDminus,
                                                       nnUNetTrainerGlobalLocalGlobalOnly, nnUNetTrainerGlobalLocalGR,
@@ -67,4 +67,5 @@ __all__ = [
     "nnUNetTrainerPLConSelfTrainLongWarmupLowCE",
     "nnUNetTrainerPLConSelfTrainLongWarmupOneLR",
     "nnUNetTrainerComposed",
+    "nnUNetTrainerComposedOneLR",
 ]

@@ -31,7 +31,7 @@ from nnunet_contrastive.terms.meta_contrast import training_progress
 from nnunet_contrastive.trainers.plcon import PseudoLabelRounds
 from nnunet_contrastive.trainers.spcon import nnUNetTrainerSPCon
 
-__all__ = ["nnUNetTrainerComposed"]
+__all__ = ["nnUNetTrainerComposed", "nnUNetTrainerComposedOneLR"]
 
 
 class nnUNetTrainerComposed(PseudoLabelRounds, nnUNetTrainerSPCon):
@@ -58,3 +58,10 @@ class nnUNetTrainerComposed(PseudoLabelRounds, nnUNetTrainerSPCon):
 
     def build_terms(self) -> dict:
         return {**super().build_terms(), **self.pixel_terms(self.pixel_temperature)}
+
+
+# ---------------------------------------------------------------------------------------------------- variants
+class nnUNetTrainerComposedOneLR(nnUNetTrainerComposed):
+    """The rounds continue the warm-up's poly-LR decay (no restart at round 1): SPConSemiOnly's schedule + pixel
+    contrast."""
+    rounds_restart_lr = False

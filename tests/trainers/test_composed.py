@@ -39,6 +39,23 @@ def test_stages_warm_up_half_the_run_then_three_rounds_with_every_term(monkeypat
     assert C.pretraining_stage_names() == [] and C.needs_unlabeled()
 
 
+def test_one_lr_variant_follows_one_poly_decay_over_the_run(monkeypatch):
+    """ComposedOneLR: no LR restart or momentum reset at round 1, so its LR at every epoch is nnU-Net's single poly
+    decay over the run (SPConSemiOnly's), while the default's restarts at round 1."""
+    from nnunet_contrastive.framework.stages import StagedPolyLR
+    from nnunet_contrastive.trainers import nnUNetTrainerComposed, nnUNetTrainerComposedOneLR
+
+    monkeypatch.setenv("nnUNet_contrastive_epochs", "30")
+    one, default = nnUNetTrainerComposedOneLR.stage_plan(30), nnUNetTrainerComposed.stage_plan(30)
+    assert [s.epochs for s in one.stages] == [s.epochs for s in default.stages]
+    assert [s.fresh_lr for s in one.stages] == [True, False, False, False]
+    assert not any(s.fresh_momentum for s in one.stages[1:])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    for epoch in (0.0, 10.0, 15.0, 22.5, 29.0):
+        assert StagedPolyLR(opt, 0.01, one).lr_at(epoch) == pytest.approx(0.01 * (1 - epoch / 30) ** 0.9)
+    assert StagedPolyLR(opt, 0.01, default).lr_at(15.0) == pytest.approx(0.01)
+
+
 @pytest.fixture
 def in_process(phantom_prepared, monkeypatch, tmp_path):
     return phantom_in_process(phantom_prepared, monkeypatch, str(tmp_path / "results"),
