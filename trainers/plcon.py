@@ -73,7 +73,8 @@ from nnunet_contrastive.terms.pseudo_label import PseudoLabelCETerm, class_balan
 from nnunet_contrastive.trainers.base import SCHEDULE_ENV
 from nnunet_contrastive.trainers.staged import DEFAULT_NUM_EPOCHS, nnUNetTrainerStaged
 
-__all__ = ["PseudoLabelRounds", "nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConConfident", "nnUNetTrainerPLConSG",
+__all__ = ["PseudoLabelRounds", "nnUNetTrainerPLCon", "nnUNetTrainerPLConIntra", "nnUNetTrainerPLConConfident",
+           "nnUNetTrainerPLConSG",
            "nnUNetTrainerPLConLongWarmup", "nnUNetTrainerPLConLongWarmupConfident",
            "nnUNetTrainerPLConLongWarmupOneLR", "nnUNetTrainerPLConLongWarmupTeacher",
            "nnUNetTrainerPLConLongWarmupMirrored", "nnUNetTrainerPLConSelfTrain",

@@ -111,6 +111,7 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
                                             label_weights=self.meta_label_weights, gamma_start=self.gamma_start,
                                             gamma_end=self.gamma_end, gamma_power=self.gamma_power,
                                             self_paced=self.self_paced, pace=self.pace)}
+
     def on_train_start(self):
         super().on_train_start()
         self.print_to_log_file(

@@ -7,9 +7,10 @@ context flips the student's features back), so view 1 and view 2 of a row are co
 
 Self-paced pace gamma (Eq. 16, power ``gamma_power``) runs from ``gamma_start`` to ``gamma_end`` as a function of
 ``pace(ctx)`` in [0, 1] (it steps every iteration): by default :func:`stage_progress`, over the stage; a trainer
-whose contrast spans several stages passes :func:`training_progress` (over the run after the pre-training). Both ends are multiples of the largest
-possible pair loss for the actual number of rows and temperature (Proposition 2, ``pair_loss_bounds``), so they do
-not depend on the batch size. ``self_paced=False`` gives plain SupCon (or SimCLR without meta-labels).
+whose contrast spans several stages passes :func:`training_progress` (over the run after the pre-training). Both
+ends are multiples of the largest possible pair loss for the actual number of rows and temperature (Proposition 2,
+``pair_loss_bounds``), so they do not depend on the batch size. ``self_paced=False`` gives plain SupCon (or SimCLR
+without meta-labels).
 
 Stats (per meta-label m, as named in the batch's ``contrastive_label_names``): ``sp_loss_<m>``, ``gamma_<m>``,
 ``w_mean_<m>`` (mean self-paced weight over positive pairs), ``w_nonzero_<m>`` (fraction of positive pairs with a
