@@ -965,7 +965,10 @@ def write_report(cfg: Config, prep: Prepared, trainers: list[str], results: list
                f"(full − few) with full = {BASELINE} with all {len(prep.train)} train cases labeled. 95 % CI over "
                f"seeds: Student's t of the per-seed paired gains (what another seed and labeled subset may give; "
                f"none with one seed). 95 % CI over test volumes: percentile bootstrap of the per-volume paired "
-               f"gains (each averaged over the seeds; what another test set may give for these same runs).", ""]
+               f"gains (each averaged over the seeds; what another test set may give for these same runs).", "",
+               "Per seed (each seed draws its labeled cases; gain = the run's test mean Dice − the baseline's of the "
+               "same seed):", "",
+               R.per_seed_markdown(results, trainers, cfg.num_labeled, BASELINE, len(prep.train)), ""]
     pre = {}
     for r in results:
         if r.get("pretraining"):

@@ -185,6 +185,33 @@ def label_efficiency_markdown(rows: Sequence[dict], classes: Sequence[str], base
     return "\n".join(lines)
 
 
+def per_seed_markdown(results: Sequence[dict], trainers: Sequence[str], num_labeled: Sequence, baseline: str,
+                      num_train: int) -> str:
+    """One row per (N, seed) with a baseline run: the labeled cases, then for the baseline and each other trainer
+    the test mean Dice, its paired gain over the baseline of the same seed and the validation mean Dice ("—" where
+    a run or its validation score is missing). The all-labeled rows are left out (no subset to pair on)."""
+    by = {(r["trainer"], r["num_labeled"], r["seed"]): r for r in results}
+    others = [t for t in trainers if t != baseline]
+    head = (["N labeled", "seed", "labeled cases", f"{baseline} test / validation"]
+            + [f"{t} test (gain) / validation" for t in others])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+
+    def val(r):
+        return fmt(r["val_dice"]["mean"]) if r.get("val_dice") else "—"
+
+    for n in sorted((n for n in num_labeled if n != ALL), key=n_sort_key):
+        for seed in sorted(s for (t, m, s) in by if t == baseline and m == n):
+            base = by[(baseline, n, seed)]
+            cells = [n_label(n, num_train), str(seed), ", ".join(base.get("labeled") or []) or "—",
+                     f"{fmt(base['dice']['mean'])} / {val(base)}"]
+            for t in others:
+                r = by.get((t, n, seed))
+                cells.append("—" if r is None else f"{fmt(r['dice']['mean'])} "
+                             f"({fmt(r['dice']['mean'] - base['dice']['mean'], signed=True)}) / {val(r)}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def cost_markdown(cost_rows: Sequence[dict], reference: str = "nnUNetTrainer") -> str:
     """One row per (trainer, stage): time per iteration, peak host memory and, when measured on CUDA, peak GPU
     memory, each with its ratio to stock nnUNetTrainer; the mean training loss of the measured iterations, flagged

@@ -627,3 +627,23 @@ def test_share_warmup_starts_a_run_from_an_equal_warmup_of_the_same_labeled_case
     torch.save({"current_epoch": 3}, os.path.join(own, "checkpoint_latest.pth"))
     assert start_from_warmup(on, prep, low, 3, 1, env(on, low), ["a", "b"]) is None  # its own progress is kept
     assert torch.load(os.path.join(own, "checkpoint_latest.pth"))["current_epoch"] == 3
+
+
+def test_per_seed_table_hand_computed():
+    res = _results()
+    res[0]["labeled"] = ["case_a", "case_b"]
+    res[6]["val_dice"] = {"mean": 0.61}
+    md = R.per_seed_markdown(res + [_run(SP, 2, 0, 0.1, 0.1)], [BASELINE, SP], [1, "all", 2], BASELINE, 156)
+    lines = md.splitlines()
+    assert lines[0] == (f"| N labeled | seed | labeled cases | {BASELINE} test / validation "
+                        f"| {SP} test (gain) / validation |")
+    # N = 1, seeds 0-2 (baseline 0.50, 0.60, 0.70; SPCon 0.55, 0.70, 0.70); no baseline at N = 2, no all-labeled rows
+    assert lines[2:] == [
+        "| 1 | 0 | case_a, case_b | 0.500 / — | 0.550 (+0.050) / 0.610 |",
+        "| 1 | 1 | — | 0.600 / — | 0.700 (+0.100) / — |",
+        "| 1 | 2 | — | 0.700 / — | 0.700 (+0.000) / — |",
+    ]
+    # a seed where the method did not run shows a dash, not a gain
+    md = R.per_seed_markdown([r for r in res if not (r["trainer"] == SP and r["seed"] == 1)], [BASELINE, SP], [1],
+                             BASELINE, 156)
+    assert md.splitlines()[3] == "| 1 | 1 | — | 0.600 / — | — |"
