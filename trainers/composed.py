@@ -18,9 +18,10 @@ half-run warm-up is what kept PLCon's first pseudo-labels useful there. The self
 run (``pace = training_progress``), not restarted at every round; the EMA teacher's decay fits each stage's
 length. No label-free pre-training (SPCon's stage 1 did not pay back at this budget).
 
-Measured (ACDC CPU tier, one labeled patient, seed 0; README, Results): validation 0.540 against FewLabels' 0.561
-(test 0.502 against 0.536); its round-1 LR restart is what the variant ``nnUNetTrainerComposedOneLR`` removes:
-validation 0.579, test 0.563 (SPConSemiOnly 0.575, PLConLongWarmup 0.585 on validation at that seed).
+Measured (ACDC CPU tier, one labeled patient; README, Results): at seed 0 validation 0.540 against FewLabels' 0.561
+(test 0.502 against 0.536); the variant ``nnUNetTrainerComposedOneLR`` (no round-1 LR restart) scored 0.579 there,
+but over seeds 0-3 its test gain is -0.017 +- 0.032 and its validation mean 0.435 is below SPConSemiOnly's 0.450 and
+PLConLongWarmup's 0.442: rejected on validation.
 
 ``self.network`` stays nnU-Net's network (stock predictor); the projection head, the pixel head and the teacher
 live under our checkpoint key; ``checkpoint_teacher.pth`` is written at the end; ``checkpoint_warmup_end.pth`` keeps
