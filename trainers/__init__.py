@@ -24,7 +24,7 @@ from nnunet_contrastive.trainers.spcon import (nnUNetTrainerSPCon, nnUNetTrainer
                                                nnUNetTrainerSPConPatient, nnUNetTrainerSPConPhase,
                                                nnUNetTrainerSPConPaperBatch, nnUNetTrainerSPConPosition,
                                                nnUNetTrainerSPConPretrain, nnUNetTrainerSPConSemiOnly,
-                                               nnUNetTrainerSPConWarmup)
+                                               nnUNetTrainerSPConSemiOnlyMoreUnlabeled, nnUNetTrainerSPConWarmup)
 from nnunet_contrastive.trainers.staged import nnUNetTrainerStaged
 from nnunet_contrastive.trainers.unsup_con import nnUNetTrainerUnsupCon
 
@@ -35,6 +35,7 @@ __all__ = [
     "nnUNetTrainerSPCon",
     "nnUNetTrainerSPConPretrain",
     "nnUNetTrainerSPConSemiOnly",
+    "nnUNetTrainerSPConSemiOnlyMoreUnlabeled",
     "nnUNetTrainerSPConHard",
     "nnUNetTrainerSPConWarmup",
     "nnUNetTrainerSPConPaperBatch",

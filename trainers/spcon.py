@@ -37,7 +37,8 @@ from nnunet_contrastive.terms import MeanTeacherTerm, MetaLabelContrastTerm, Sup
 from nnunet_contrastive.terms.meta_contrast import stage_progress
 from nnunet_contrastive.trainers.staged import PARTITION, MetaLabelError, nnUNetTrainerStaged
 
-__all__ = ["nnUNetTrainerSPCon", "nnUNetTrainerSPConPretrain", "nnUNetTrainerSPConSemiOnly", "nnUNetTrainerSPConHard",
+__all__ = ["nnUNetTrainerSPCon", "nnUNetTrainerSPConPretrain", "nnUNetTrainerSPConSemiOnly",
+           "nnUNetTrainerSPConSemiOnlyMoreUnlabeled", "nnUNetTrainerSPConHard",
            "nnUNetTrainerSPConWarmup", "nnUNetTrainerSPConPaperBatch",
            "nnUNetTrainerSPConPosition", "nnUNetTrainerSPConPatient", "nnUNetTrainerSPConPhase", "MetaLabelError",
            "PARTITION"]
@@ -137,6 +138,11 @@ class nnUNetTrainerSPConPretrain(nnUNetTrainerSPCon):
 class nnUNetTrainerSPConSemiOnly(nnUNetTrainerSPCon):
     """Stage 2 only, from scratch (or from -pretrained_weights of nnUNetTrainerSPConPretrain)."""
     pretrain_epochs = 0
+
+
+class nnUNetTrainerSPConSemiOnlyMoreUnlabeled(nnUNetTrainerSPConSemiOnly):
+    """Stage 2 only, with as many unlabeled rows per step as labeled ones (the authors' 5 + 5), not half as many."""
+    unlabeled_batch_ratio = 1.0
 
 
 class nnUNetTrainerSPConHard(nnUNetTrainerSPCon):
