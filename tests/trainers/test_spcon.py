@@ -281,3 +281,27 @@ def test_warmup_and_paper_batch_variants_change_only_what_they_say(in_process):
     for dl in loaders:
         if hasattr(dl, "_finish"):
             dl._finish()
+
+
+def test_more_unlabeled_variant_draws_as_many_unlabeled_rows_as_labeled(in_process):
+    """nnUNetTrainerSPConSemiOnlyMoreUnlabeled: stage 2 batches of the plans' 8 labeled rows plus 8 unlabeled rows
+    (SemiOnly: 8 + 4), two views each; no stage 1; otherwise SemiOnly's stage (terms, trained parts, teacher)."""
+    semi, more = _trainer(in_process, "nnUNetTrainerSPConSemiOnly"), \
+        _trainer(in_process, "nnUNetTrainerSPConSemiOnlyMoreUnlabeled")
+    for t, n_unlabeled in ((semi, 4), (more, 8)):
+        t.initialize()
+        t.do_split()
+        assert [s.name for s in t.plan.stages] == ["semi"]
+        t.current_epoch = 0
+        loaders = t.get_dataloaders()
+        batch = next(loaders[0])
+        labeled = np.asarray(batch["labeled"])
+        assert labeled.sum() == t.batch_size == 8 and (~labeled).sum() == n_unlabeled
+        assert set(batch["keys"][~labeled]) <= set(t.unlabeled_keys)
+        assert batch["data_view2"].shape == batch["data"].shape
+        for dl in loaders:
+            if hasattr(dl, "_finish"):
+                dl._finish()
+    s_semi, s_more = semi.plan.stages[0], more.plan.stages[0]
+    assert (s_more.trains, s_more.term_names, s_more.resync_teacher, s_more.flip_student) == \
+        (s_semi.trains, s_semi.term_names, s_semi.resync_teacher, s_semi.flip_student)
