@@ -236,11 +236,9 @@ def test_loader_build_splits_once_per_stage(in_process, monkeypatch):
     for epoch in (0, t.pretrain_epochs):  # stage 1, stage 2
         t.current_epoch = epoch
         calls.clear()
-        loaders = t.get_dataloaders()
+        t.dataloader_train, t.dataloader_val = t.get_dataloaders()
         assert len(calls) == 1, (epoch, len(calls))
-        for dl in loaders:
-            if hasattr(dl, "_finish"):
-                dl._finish()
+        t._finish_loaders()
 
 
 def test_warmup_and_paper_batch_variants_change_only_what_they_say(in_process):
@@ -269,8 +267,8 @@ def test_warmup_and_paper_batch_variants_change_only_what_they_say(in_process):
     paper.initialize()
     assert paper.batch_size == 8
     paper.current_epoch = 0
-    loaders = paper.get_dataloaders()
-    batch = next(loaders[0])
+    paper.dataloader_train, paper.dataloader_val = paper.get_dataloaders()
+    batch = next(paper.dataloader_train)
     n_volumes = len(set(batch["keys"]))
     with open(os.path.join(in_process["pre"], "splits_final.json")) as f:
         images = len(json.load(f)[0]["train"])  # stage 1 reads every training image of the fold, labeled or not
@@ -278,9 +276,7 @@ def test_warmup_and_paper_batch_variants_change_only_what_they_say(in_process):
     assert batch["data_view2"].shape == batch["data"].shape
     default = _trainer(in_process)
     assert repr(paper.semi_stage()) == repr(default.semi_stage())  # (the ramp objects have no __eq__)
-    for dl in loaders:
-        if hasattr(dl, "_finish"):
-            dl._finish()
+    paper._finish_loaders()
 
 
 def test_more_unlabeled_variant_draws_as_many_unlabeled_rows_as_labeled(in_process):
@@ -290,18 +286,15 @@ def test_more_unlabeled_variant_draws_as_many_unlabeled_rows_as_labeled(in_proce
         _trainer(in_process, "nnUNetTrainerSPConSemiOnlyMoreUnlabeled")
     for t, n_unlabeled in ((semi, 4), (more, 8)):
         t.initialize()
-        t.do_split()
         assert [s.name for s in t.plan.stages] == ["semi"]
         t.current_epoch = 0
-        loaders = t.get_dataloaders()
-        batch = next(loaders[0])
+        t.dataloader_train, t.dataloader_val = t.get_dataloaders()  # splits the fold (unlabeled_keys)
+        batch = next(t.dataloader_train)
         labeled = np.asarray(batch["labeled"])
         assert labeled.sum() == t.batch_size == 8 and (~labeled).sum() == n_unlabeled
         assert set(batch["keys"][~labeled]) <= set(t.unlabeled_keys)
         assert batch["data_view2"].shape == batch["data"].shape
-        for dl in loaders:
-            if hasattr(dl, "_finish"):
-                dl._finish()
+        t._finish_loaders()
     s_semi, s_more = semi.plan.stages[0], more.plan.stages[0]
     assert (s_more.trains, s_more.term_names, s_more.resync_teacher, s_more.flip_student) == \
         (s_semi.trains, s_semi.term_names, s_semi.resync_teacher, s_semi.flip_student)
