@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from nnunet_contrastive.components.arco_head import MultiScaleDenseHead
 from nnunet_contrastive.components.samplers import build_sampler
-from nnunet_contrastive.framework.stages import LoaderSpec, Stage, Use
+from nnunet_contrastive.framework.stages import Stage, Use
 from nnunet_contrastive.terms import SupervisedTerm
 from nnunet_contrastive.terms.arco import ARCOContrastTerm, ARCOPseudoLabelTerm
 from nnunet_contrastive.trainers.staged import nnUNetTrainerStaged
@@ -56,9 +56,7 @@ class nnUNetTrainerARCO(nnUNetTrainerStaged):
 
     @classmethod
     def declare_stages(cls) -> list:
-        return [Stage("semi", None,
-                      LoaderSpec(labeled="batch", unlabeled=float(cls.unlabeled_batch_ratio), views=2,
-                                 share_spatial=True),
+        return [Stage("semi", None, cls.teacher_student_loader(),
                       trains=("network", "arco"),
                       terms=(Use("sup", rows="labeled"),
                              Use("arco", cls.lambda_contrast, rows="all"),  # before "unsup": one teacher pass

@@ -58,7 +58,7 @@ class nnUNetTrainerComposed(PseudoLabelRounds, nnUNetTrainerSPCon):
         warmup = replace(cls.semi_stage(), name="warmup", epochs=warm, terms=cls.semi_terms(ramp))
         plcon, plce = cls.pixel_uses()
         # the pixel contrast first: its pass over all rows serves the other terms' labeled / unlabeled rows
-        return [warmup] + cls.round_stages(lengths, cls.semi_loader(), trains=("network", "sp"),
+        return [warmup] + cls.round_stages(lengths, cls.teacher_student_loader(), trains=("network", "sp"),
                                            terms=plcon + cls.semi_terms(cls.lambda_reg) + plce, flip_student=True)
 
     def build_terms(self) -> dict:

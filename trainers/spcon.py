@@ -83,12 +83,6 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
                      trains=("encoder", "sp"), terms=(Use("sp"),), pretraining=True)
 
     @classmethod
-    def semi_loader(cls) -> LoaderSpec:
-        """Stage 2's batches: the plans' batch of labeled rows + unlabeled rows, two views sharing the spatial
-        transform."""
-        return LoaderSpec(labeled="batch", unlabeled=float(cls.unlabeled_batch_ratio), views=2, share_spatial=True)
-
-    @classmethod
     def semi_terms(cls, mt_weight) -> tuple:
         """Stage 2's terms (Eq. 15) with the Mean-Teacher weight ``mt_weight`` (a number or a ramp)."""
         return (Use("sup", rows="labeled"), Use("mt", mt_weight, rows="unlabeled"),
@@ -97,7 +91,7 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
     @classmethod
     def semi_stage(cls) -> Stage:
         """Dice+CE on labeled rows + Mean Teacher and SP-con on unlabeled rows (Eq. 15)."""
-        return Stage("semi", None, cls.semi_loader(), trains=("network", "sp"),
+        return Stage("semi", None, cls.teacher_student_loader(), trains=("network", "sp"),
                      terms=cls.semi_terms(SigmoidRampup(cls.lambda_reg, cls.mt_rampup_fraction)),
                      resync_teacher=True, flip_student=True, warmup=cls.semi_warmup)
 

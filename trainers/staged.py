@@ -36,8 +36,8 @@ from nnunet_contrastive.components.teacher import EMATeacher, decay_for_horizon
 from nnunet_contrastive.data import meta_labels as ML
 from nnunet_contrastive.data.dataloading import build_semi_dataloaders, find_metadata, unlabeled_folder_cases
 from nnunet_contrastive.framework.context import StepContext
-from nnunet_contrastive.framework.stages import (PRETRAIN_EPOCHS_ENV, STAGE_EPOCHS_ENV, StagedPolyLR, StagePlan,
-                                                 stage_lengths_from_env)
+from nnunet_contrastive.framework.stages import (PRETRAIN_EPOCHS_ENV, STAGE_EPOCHS_ENV, LoaderSpec, StagedPolyLR,
+                                                 StagePlan, stage_lengths_from_env)
 from nnunet_contrastive.trainers.base import nnUNetTrainerContrastiveBase
 
 __all__ = ["nnUNetTrainerStaged", "MetaLabelError", "PARTITION"]
@@ -75,6 +75,7 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
     ema_window_fraction = 0.05  # the teacher averages over at most this fraction of a stage (decay_for_horizon)
     stage_checkpoints: tuple = ()  # stages whose end state is kept as checkpoint_<stage>_end.pth (warmup_key)
     warmup_attributes: tuple = ()  # class attributes those stages depend on beyond the plan (e.g. a head's size)
+    unlabeled_batch_ratio = 0.5  # semi-supervised stages: unlabeled rows per step, as a fraction of the plans' batch
 
     # ------------------------------------------------------------------ declarations
     @classmethod
@@ -83,6 +84,13 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
 
     def build_terms(self) -> dict:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__} builds no loss terms")
+
+    @classmethod
+    def teacher_student_loader(cls) -> LoaderSpec:
+        """The batches of a stage where an EMA teacher labels what the student sees: the plans' batch of labeled rows
+        + round(unlabeled_batch_ratio x batch) unlabeled rows, two views sharing the spatial transform (independent
+        intensity augmentation), so the teacher's view-2 prediction lines up with the student's view-1 pixels."""
+        return LoaderSpec(labeled="batch", unlabeled=float(cls.unlabeled_batch_ratio), views=2, share_spatial=True)
 
     @classmethod
     def stage_plan(cls, num_epochs: int = DEFAULT_NUM_EPOCHS, environ=None) -> StagePlan:
