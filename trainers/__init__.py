@@ -24,6 +24,7 @@ from nnunet_contrastive.trainers.spcon import (nnUNetTrainerSPCon, nnUNetTrainer
                                                nnUNetTrainerSPConPatient, nnUNetTrainerSPConPhase,
                                                nnUNetTrainerSPConPaperBatch, nnUNetTrainerSPConPosition,
                                                nnUNetTrainerSPConPretrain, nnUNetTrainerSPConSemiOnly,
+                                               nnUNetTrainerSPConSemiOnlyClassBalanced,
                                                nnUNetTrainerSPConSemiOnlyMoreUnlabeled, nnUNetTrainerSPConWarmup)
 from nnunet_contrastive.trainers.staged import nnUNetTrainerStaged
 from nnunet_contrastive.trainers.unsup_con import nnUNetTrainerUnsupCon
@@ -36,6 +37,7 @@ __all__ = [
     "nnUNetTrainerSPConPretrain",
     "nnUNetTrainerSPConSemiOnly",
     "nnUNetTrainerSPConSemiOnlyMoreUnlabeled",
+    "nnUNetTrainerSPConSemiOnlyClassBalanced",
     "nnUNetTrainerSPConHard",
     "nnUNetTrainerSPConWarmup",
     "nnUNetTrainerSPConPaperBatch",

@@ -35,11 +35,12 @@ from nnunet_contrastive.framework.schedules import SigmoidRampup
 from nnunet_contrastive.framework.stages import LoaderSpec, Stage, Use
 from nnunet_contrastive.terms import MeanTeacherTerm, MetaLabelContrastTerm, SupervisedTerm
 from nnunet_contrastive.terms.meta_contrast import stage_progress
+from nnunet_contrastive.terms.pseudo_label import class_balanced_mean
 from nnunet_contrastive.trainers.staged import PARTITION, MetaLabelError, nnUNetTrainerStaged
 
 __all__ = ["nnUNetTrainerSPCon", "nnUNetTrainerSPConPretrain", "nnUNetTrainerSPConSemiOnly",
-           "nnUNetTrainerSPConSemiOnlyMoreUnlabeled", "nnUNetTrainerSPConHard",
-           "nnUNetTrainerSPConWarmup", "nnUNetTrainerSPConPaperBatch",
+           "nnUNetTrainerSPConSemiOnlyMoreUnlabeled", "nnUNetTrainerSPConSemiOnlyClassBalanced",
+           "nnUNetTrainerSPConHard", "nnUNetTrainerSPConWarmup", "nnUNetTrainerSPConPaperBatch",
            "nnUNetTrainerSPConPosition", "nnUNetTrainerSPConPatient", "nnUNetTrainerSPConPhase", "MetaLabelError",
            "PARTITION"]
 
@@ -71,6 +72,7 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
     lambda_sp = 0.1
     lambda_reg = 1.0
     mt_rampup_fraction = 0.2  # of stage 2
+    mt_class_balanced = False  # True: L_MT averages per-class means over the teacher's classes (terms.mean_teacher)
     semi_warmup = 0.0  # fraction of stage 2 over which the LR ramps up linearly from ~0 (protects the encoder)
     ema_decay = 0.999
 
@@ -101,7 +103,8 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
 
     def build_terms(self) -> dict:
         head = GlobalProjectionHead.for_network(self.network, out_dim=self.head_dim, grid_size=self.head_grid)
-        return {"sup": SupervisedTerm(), "mt": MeanTeacherTerm(),
+        mt_reduction = class_balanced_mean if self.mt_class_balanced else None
+        return {"sup": SupervisedTerm(), "mt": MeanTeacherTerm(mt_reduction),
                 "sp": MetaLabelContrastTerm(head, temperature=self.temperature, weighting=self.weighting,
                                             label_weights=self.meta_label_weights, gamma_start=self.gamma_start,
                                             gamma_end=self.gamma_end, gamma_power=self.gamma_power,
@@ -137,6 +140,11 @@ class nnUNetTrainerSPConSemiOnly(nnUNetTrainerSPCon):
 class nnUNetTrainerSPConSemiOnlyMoreUnlabeled(nnUNetTrainerSPConSemiOnly):
     """Stage 2 only, with as many unlabeled rows per step as labeled ones (the authors' 5 + 5), not half as many."""
     unlabeled_batch_ratio = 1.0
+
+
+class nnUNetTrainerSPConSemiOnlyClassBalanced(nnUNetTrainerSPConSemiOnly):
+    """Stage 2 alone, Mean-Teacher error averaged per teacher class (the RV weighs as much as the background)."""
+    mt_class_balanced = True
 
 
 class nnUNetTrainerSPConHard(nnUNetTrainerSPCon):

@@ -33,6 +33,7 @@ __all__ = [
     "ema_decay",
     "EMATeacher",
     "mean_teacher_consistency",
+    "softmax_squared_error",
     "sigmoid_rampup",
     "flip_batch",
     "random_flip",
@@ -273,6 +274,28 @@ def mean_teacher_consistency(student_logits: TensorOrList, teacher_logits: Tenso
         term = w * _softmax_mse(s, t, reduction)
         total = term if total is None else total + term
     return total
+
+
+def softmax_squared_error(student_logits: TensorOrList,
+                          teacher_logits: TensorOrList) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel Mean-Teacher error, for reductions other than the plain mean.
+
+    Returns ``(err, teacher_class)``, both ``(B, *S)``: ``err`` the mean over the C channels of
+    ``(softmax(student) - softmax(teacher))^2`` (so the mean of ``err`` over every pixel is
+    ``mean_teacher_consistency(..., reduction="mean")``), float32 with a gradient to the student only, and
+    ``teacher_class`` the teacher's argmax (int64, no gradient). Deep-supervision lists: the highest resolution
+    (index 0) only, as :func:`mean_teacher_consistency` does by default.
+    """
+    if isinstance(student_logits, (list, tuple)) or isinstance(teacher_logits, (list, tuple)):
+        if not (isinstance(student_logits, (list, tuple)) and isinstance(teacher_logits, (list, tuple))):
+            raise ValueError("student_logits and teacher_logits must both be tensors or both be lists")
+        if len(student_logits) == 0 or len(teacher_logits) == 0:
+            raise ValueError("deep-supervision lists must be non-empty")
+        student_logits, teacher_logits = student_logits[0], teacher_logits[0]
+    _check_logits_pair(student_logits, teacher_logits, "softmax_squared_error")
+    p_t = F.softmax(teacher_logits.detach().float(), dim=1)
+    err = (F.softmax(student_logits.float(), dim=1) - p_t).pow(2).mean(dim=1)
+    return err, p_t.argmax(dim=1)
 
 
 def sigmoid_rampup(epoch: float, rampup_length: float) -> float:

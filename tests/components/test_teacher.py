@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from nnunet_contrastive.components.teacher import (EMATeacher, ema_decay, flip_batch, mean_teacher_consistency,
+                                                   softmax_squared_error,
                                         random_flip, sigmoid_rampup)
 
 
@@ -254,6 +255,40 @@ def test_consistency_value_errors():
         mean_teacher_consistency(a, a, ds_weights=[1.0])
     with pytest.raises(ValueError):
         mean_teacher_consistency(a, a, reduction="none")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 4, 3, 2, 3)])
+def test_softmax_squared_error_per_pixel_matches_numpy(shape):
+    torch.manual_seed(1)
+    s = (torch.randn(shape) * 3).requires_grad_(True)
+    t = (torch.randn(shape) * 3).requires_grad_(True)
+    err, cls = softmax_squared_error(s, t)
+    p_s, p_t = _np_softmax(_np(s)), _np_softmax(_np(t))
+    ref = np.zeros((shape[0],) + shape[2:])
+    for idx in np.ndindex(*ref.shape):  # explicit loop over pixels, channel sum by hand
+        pix = (idx[0], slice(None)) + idx[1:]
+        ref[idx] = sum((a - b) ** 2 for a, b in zip(p_s[pix], p_t[pix])) / shape[1]
+    np.testing.assert_allclose(err.detach().numpy(), ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(cls.numpy(), p_t.argmax(axis=1))
+    # the plain mean of the per-pixel errors is the paper's consistency
+    assert err.mean().item() == pytest.approx(mean_teacher_consistency(s, t).item(), rel=1e-6)
+    err.sum().backward()
+    assert t.grad is None and s.grad.abs().sum() > 0
+
+
+def test_softmax_squared_error_lists_and_errors():
+    torch.manual_seed(0)
+    s = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]
+    t = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]
+    err, cls = softmax_squared_error(s, t)  # the highest resolution only
+    assert err.shape == cls.shape == (2, 8, 8)
+    assert torch.equal(err, softmax_squared_error(s[0], t[0])[0])
+    with pytest.raises(ValueError, match="both"):
+        softmax_squared_error(s, t[0])
+    with pytest.raises(ValueError, match="shapes differ"):
+        softmax_squared_error(s[0], t[1])
+    with pytest.raises(ValueError):
+        softmax_squared_error([], [])
 
 
 # ---------------------------------------------------------------------------------------------- ramp-up

@@ -298,3 +298,17 @@ def test_more_unlabeled_variant_draws_as_many_unlabeled_rows_as_labeled(in_proce
     s_semi, s_more = semi.plan.stages[0], more.plan.stages[0]
     assert (s_more.trains, s_more.term_names, s_more.resync_teacher, s_more.flip_student) == \
         (s_semi.trains, s_semi.term_names, s_semi.resync_teacher, s_semi.flip_student)
+
+
+def test_class_balanced_variant_changes_only_the_mean_teacher_reduction(in_process):
+    """nnUNetTrainerSPConSemiOnlyClassBalanced: SemiOnly's stage (loader, terms, weights, teacher) with the Mean
+    Teacher term reducing per teacher class (terms.pseudo_label.class_balanced_mean); SemiOnly keeps the plain mean."""
+    from nnunet_contrastive.terms.pseudo_label import class_balanced_mean
+    semi, balanced = _trainer(in_process, "nnUNetTrainerSPConSemiOnly"), \
+        _trainer(in_process, "nnUNetTrainerSPConSemiOnlyClassBalanced")
+    assert repr(type(balanced).declare_stages()) == repr(type(semi).declare_stages())
+    for t in (semi, balanced):
+        t.initialize()  # builds the terms (configure_optimizers)
+    assert semi.terms["mt"].reduction is None
+    assert balanced.terms["mt"].reduction is class_balanced_mean
+    assert sorted(balanced.terms) == sorted(semi.terms) == ["mt", "sp", "sup"]
