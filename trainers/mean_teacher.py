@@ -1,8 +1,9 @@
 """nnUNetTrainerMeanTeacher: the Mean Teacher baseline (Tarvainen & Valpola 2017) on nnU-Net, no contrastive loss.
 
 It is nnUNetTrainerSPConSemiOnly without the meta-label contrast (same batches, ramp and teacher). Measured on ACDC
-with one labeled patient (CPU tier, README Results): seed 0 validation 0.594 against SemiOnly's 0.575 and test +0.061
-over FewLabels; seed 1 test -0.007 (RV lost) where SemiOnly gains +0.050: over seeds 0-1 validation prefers SemiOnly.
+with one labeled patient (CPU tier, README Results), seeds 0-3: test +0.061, -0.007, -0.001, +0.075 over FewLabels
+(+0.032 +- 0.042, interval over seeds including 0; the RV lost at seeds 1-2), validation 0.454 against SemiOnly's
+0.450.
 """
 from nnunet_contrastive.framework.schedules import SigmoidRampup
 from nnunet_contrastive.framework.stages import Stage, Use
