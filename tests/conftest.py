@@ -12,6 +12,23 @@ HIPPOCAMPUS = os.path.join(SHARED_DATA, "Task04_Hippocampus")
 ACDC = os.path.join(SHARED_DATA, "ACDC")
 
 
+def tiny_unet(seed: int = 0):
+    """A seeded two-stage 2D PlainConvUNet (1 input channel, 3 classes, deep supervision) for loss-term tests."""
+    import torch
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    torch.manual_seed(seed)
+    return PlainConvUNet(1, 2, (8, 16), torch.nn.Conv2d, 3, (1, 2), 2, 3, (2,), True, torch.nn.InstanceNorm2d,
+                         {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU, {"inplace": True},
+                         deep_supervision=True)
+
+
+def np_softmax(a, axis=1):
+    """NumPy reference softmax (max-shifted) over ``axis``."""
+    import numpy as np
+    e = np.exp(a - a.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
 def pytest_configure(config):
     try:
         import nnunet_contrastive.trainers  # noqa: F401

@@ -72,7 +72,7 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
     lambda_sp = 0.1
     lambda_reg = 1.0
     mt_rampup_fraction = 0.2  # of stage 2
-    mt_class_balanced = False  # True: L_MT averages per-class means over the teacher's classes (terms.mean_teacher)
+    mt_reduction = None  # L_MT over pixels: None the plain mean; or f(err, teacher_class, C) (terms.mean_teacher)
     semi_warmup = 0.0  # fraction of stage 2 over which the LR ramps up linearly from ~0 (protects the encoder)
     ema_decay = 0.999
 
@@ -103,8 +103,7 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
 
     def build_terms(self) -> dict:
         head = GlobalProjectionHead.for_network(self.network, out_dim=self.head_dim, grid_size=self.head_grid)
-        mt_reduction = class_balanced_mean if self.mt_class_balanced else None
-        return {"sup": SupervisedTerm(), "mt": MeanTeacherTerm(mt_reduction),
+        return {"sup": SupervisedTerm(), "mt": MeanTeacherTerm(self.mt_reduction),
                 "sp": MetaLabelContrastTerm(head, temperature=self.temperature, weighting=self.weighting,
                                             label_weights=self.meta_label_weights, gamma_start=self.gamma_start,
                                             gamma_end=self.gamma_end, gamma_power=self.gamma_power,
@@ -144,7 +143,7 @@ class nnUNetTrainerSPConSemiOnlyMoreUnlabeled(nnUNetTrainerSPConSemiOnly):
 
 class nnUNetTrainerSPConSemiOnlyClassBalanced(nnUNetTrainerSPConSemiOnly):
     """Stage 2 alone, Mean-Teacher error averaged per teacher class; ACDC N = 1 seed 0: collapses (README Results)."""
-    mt_class_balanced = True
+    mt_reduction = staticmethod(class_balanced_mean)
 
 
 class nnUNetTrainerSPConHard(nnUNetTrainerSPCon):

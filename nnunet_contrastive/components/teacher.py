@@ -213,6 +213,16 @@ def _check_logits_pair(s: torch.Tensor, t: torch.Tensor, where: str) -> None:
         raise ValueError(f"{where}: need at least 2 channels for a softmax, got {tuple(s.shape)}")
 
 
+def _are_deep_supervision_lists(s: TensorOrList, t: TensorOrList) -> bool:
+    """True for two deep-supervision lists (non-empty, equally long), False for two tensors; an error otherwise."""
+    s_is_list, t_is_list = isinstance(s, (list, tuple)), isinstance(t, (list, tuple))
+    if s_is_list != t_is_list:
+        raise ValueError("student_logits and teacher_logits must both be tensors or both be lists")
+    if s_is_list and (len(s) == 0 or len(s) != len(t)):
+        raise ValueError(f"deep-supervision lists must be non-empty and equally long, got {len(s)} and {len(t)}")
+    return s_is_list
+
+
 def _softmax_mse(s: torch.Tensor, t: torch.Tensor, reduction: str) -> torch.Tensor:
     p_s = F.softmax(s.float(), dim=1)
     p_t = F.softmax(t.detach().float(), dim=1)
@@ -245,19 +255,12 @@ def mean_teacher_consistency(student_logits: TensorOrList, teacher_logits: Tenso
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    s_is_list = isinstance(student_logits, (list, tuple))
-    t_is_list = isinstance(teacher_logits, (list, tuple))
-    if s_is_list != t_is_list:
-        raise ValueError("student_logits and teacher_logits must both be tensors or both be lists")
-    if not s_is_list:
+    if not _are_deep_supervision_lists(student_logits, teacher_logits):
         if ds_weights is not None:
             raise ValueError("ds_weights is only meaningful for deep-supervision lists")
         _check_logits_pair(student_logits, teacher_logits, "mean_teacher_consistency")
         return _softmax_mse(student_logits, teacher_logits, reduction)
 
-    if len(student_logits) == 0 or len(student_logits) != len(teacher_logits):
-        raise ValueError(f"deep-supervision lists must be non-empty and equally long, got "
-                         f"{len(student_logits)} and {len(teacher_logits)}")
     if ds_weights is None:
         _check_logits_pair(student_logits[0], teacher_logits[0], "level 0")
         return _softmax_mse(student_logits[0], teacher_logits[0], reduction)
@@ -286,11 +289,7 @@ def softmax_squared_error(student_logits: TensorOrList,
     ``teacher_class`` the teacher's argmax (int64, no gradient). Deep-supervision lists: the highest resolution
     (index 0) only, as :func:`mean_teacher_consistency` does by default.
     """
-    if isinstance(student_logits, (list, tuple)) or isinstance(teacher_logits, (list, tuple)):
-        if not (isinstance(student_logits, (list, tuple)) and isinstance(teacher_logits, (list, tuple))):
-            raise ValueError("student_logits and teacher_logits must both be tensors or both be lists")
-        if len(student_logits) == 0 or len(teacher_logits) == 0:
-            raise ValueError("deep-supervision lists must be non-empty")
+    if _are_deep_supervision_lists(student_logits, teacher_logits):
         student_logits, teacher_logits = student_logits[0], teacher_logits[0]
     _check_logits_pair(student_logits, teacher_logits, "softmax_squared_error")
     p_t = F.softmax(teacher_logits.detach().float(), dim=1)

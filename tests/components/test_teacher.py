@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import np_softmax
+
 from nnunet_contrastive.components.teacher import (EMATeacher, ema_decay, flip_batch, mean_teacher_consistency,
                                                    softmax_squared_error,
                                         random_flip, sigmoid_rampup)
@@ -185,23 +187,18 @@ def test_cuda_move():
 
 
 # ---------------------------------------------------------------------------------------------- consistency
-def _np_softmax(a, axis=1):
-    e = np.exp(a - a.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 4, 3, 2, 3)])
 def test_consistency_matches_numpy_and_gradients(shape):
     torch.manual_seed(0)
     s = (torch.randn(shape) * 3).requires_grad_(True)
     t = (torch.randn(shape) * 3).requires_grad_(True)
     loss = mean_teacher_consistency(s, t)
-    ref = np.mean((_np_softmax(_np(s)) - _np_softmax(_np(t))) ** 2)
+    ref = np.mean((np_softmax(_np(s)) - np_softmax(_np(t))) ** 2)
     assert loss.item() == pytest.approx(ref, rel=1e-5)
-    ref_sum = np.sum((_np_softmax(_np(s)) - _np_softmax(_np(t))) ** 2)
+    ref_sum = np.sum((np_softmax(_np(s)) - np_softmax(_np(t))) ** 2)
     assert mean_teacher_consistency(s, t, reduction="sum").item() == pytest.approx(ref_sum, rel=1e-5)
     # differs from the buggy hook version (teacher logits vs student probabilities)
-    buggy = np.mean((_np_softmax(_np(s)) - _np(t)) ** 2)
+    buggy = np.mean((np_softmax(_np(s)) - _np(t)) ** 2)
     assert abs(ref - buggy) > 1e-3
     loss.backward()
     assert t.grad is None  # teacher side detached
@@ -223,7 +220,7 @@ def test_consistency_deep_supervision_lists():
     torch.manual_seed(0)
     s = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)]
     t = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)]
-    level = [np.mean((_np_softmax(_np(a)) - _np_softmax(_np(b))) ** 2) for a, b in zip(s, t)]
+    level = [np.mean((np_softmax(_np(a)) - np_softmax(_np(b))) ** 2) for a, b in zip(s, t)]
     assert mean_teacher_consistency(s, t).item() == pytest.approx(level[0], rel=1e-5)
     t_changed = [t[0], torch.randn(2, 3, 4, 4), t[2]]  # only level 0 counts by default
     assert mean_teacher_consistency(s, t_changed).item() == pytest.approx(level[0], rel=1e-5)
@@ -263,7 +260,7 @@ def test_softmax_squared_error_per_pixel_matches_numpy(shape):
     s = (torch.randn(shape) * 3).requires_grad_(True)
     t = (torch.randn(shape) * 3).requires_grad_(True)
     err, cls = softmax_squared_error(s, t)
-    p_s, p_t = _np_softmax(_np(s)), _np_softmax(_np(t))
+    p_s, p_t = np_softmax(_np(s)), np_softmax(_np(t))
     ref = np.zeros((shape[0],) + shape[2:])
     for idx in np.ndindex(*ref.shape):  # explicit loop over pixels, channel sum by hand
         pix = (idx[0], slice(None)) + idx[1:]
@@ -289,6 +286,8 @@ def test_softmax_squared_error_lists_and_errors():
         softmax_squared_error(s[0], t[1])
     with pytest.raises(ValueError):
         softmax_squared_error([], [])
+    with pytest.raises(ValueError, match="equally long"):
+        softmax_squared_error(s, t[:1])
 
 
 # ---------------------------------------------------------------------------------------------- ramp-up

@@ -2,36 +2,24 @@
 import numpy as np
 import pytest
 import torch
-from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from conftest import np_softmax, tiny_unet
 
 from nnunet_contrastive.framework.context import StepContext
 from nnunet_contrastive.terms import MeanTeacherTerm
 from nnunet_contrastive.terms.pseudo_label import class_balanced_mean, pixel_mean
 
 
-def _net(seed):
-    torch.manual_seed(seed)
-    return PlainConvUNet(1, 2, (8, 16), torch.nn.Conv2d, 3, (1, 2), 2, 3, (2,), True, torch.nn.InstanceNorm2d,
-                         {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU, {"inplace": True},
-                         deep_supervision=True)
-
-
 def _ctx(labeled=(True, True, False, False)):
     g = torch.Generator().manual_seed(5)
     batch = {"data": torch.randn(4, 1, 8, 8, generator=g), "data_view2": torch.randn(4, 1, 8, 8, generator=g),
              "labeled": torch.tensor(labeled), "target": [torch.zeros(4, 1, 8, 8)]}
-    return StepContext(batch, torch.device("cpu"), _net(0), teacher=_net(1))
-
-
-def _softmax(a):
-    e = np.exp(a - a.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    return StepContext(batch, torch.device("cpu"), tiny_unet(0), teacher=tiny_unet(1))
 
 
 def _per_class_errors(ctx):
     """{teacher class: [per-pixel mean squared softmax difference]} on the unlabeled rows, by explicit loops."""
-    s = _softmax(ctx.forward("student", 0, "unlabeled").logits.detach().double().numpy())
-    t = _softmax(ctx.forward("teacher", 1, "unlabeled").logits.detach().double().numpy())
+    s = np_softmax(ctx.forward("student", 0, "unlabeled").logits.detach().double().numpy())
+    t = np_softmax(ctx.forward("teacher", 1, "unlabeled").logits.detach().double().numpy())
     out = {}
     for n in range(s.shape[0]):
         for y in range(s.shape[2]):

@@ -2,18 +2,11 @@
 import numpy as np
 import pytest
 import torch
-from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from conftest import tiny_unet
 
 from nnunet_contrastive.framework.context import StepContext
 from nnunet_contrastive.terms.pseudo_label import (PseudoLabelCETerm, class_balanced_mean, confident_pseudo_labels,
                                                    pixel_mean)
-
-
-def _net():
-    torch.manual_seed(0)
-    return PlainConvUNet(1, 2, (8, 16), torch.nn.Conv2d, 3, (1, 2), 2, 3, (2,), True, torch.nn.InstanceNorm2d,
-                         {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU, {"inplace": True},
-                         deep_supervision=True)
 
 
 def _batch(min_conf_fill=None):
@@ -59,7 +52,7 @@ def _reference_balanced(logits: np.ndarray, pl: np.ndarray, conf: np.ndarray, mi
 
 @pytest.mark.parametrize("min_conf", [0.0, 0.5])
 def test_class_balanced_matches_numpy_reference(min_conf):
-    net, batch = _net(), _batch()
+    net, batch = tiny_unet(), _batch()
     ctx = StepContext(batch, torch.device("cpu"), net)
     loss, _ = PseudoLabelCETerm(min_conf, class_balanced_mean)(ctx, "unlabeled")
     logits = ctx.forward("student", 0).logits.detach().double().numpy()[2:]
@@ -83,7 +76,7 @@ def test_class_balanced_ignores_class_frequencies():
 
 @pytest.mark.parametrize("min_conf", [0.0, 0.5])
 def test_matches_numpy_reference_on_unlabeled_rows_only(min_conf):
-    net, batch = _net(), _batch()
+    net, batch = tiny_unet(), _batch()
     term = PseudoLabelCETerm(min_conf)
     ctx = StepContext(batch, torch.device("cpu"), net)
     loss, stats = term(ctx, "unlabeled")
@@ -98,7 +91,7 @@ def test_matches_numpy_reference_on_unlabeled_rows_only(min_conf):
 
 
 def test_gradient_only_through_unlabeled_rows():
-    net, batch = _net(), _batch()
+    net, batch = tiny_unet(), _batch()
     x = batch["data"].clone().requires_grad_(True)
     batch["data"] = x
     net.eval()  # instance norm per row: rows do not mix
@@ -109,7 +102,7 @@ def test_gradient_only_through_unlabeled_rows():
 
 @pytest.mark.parametrize("reduction", [pixel_mean, class_balanced_mean])
 def test_no_confident_pixel_gives_zero_loss_and_zero_gradient(reduction):
-    net, batch = _net(), _batch(min_conf_fill=0.3)
+    net, batch = tiny_unet(), _batch(min_conf_fill=0.3)
     loss, stats = PseudoLabelCETerm(0.9, reduction)(StepContext(batch, torch.device("cpu"), net), "unlabeled")
     assert float(loss) == 0.0 and float(stats["PseudoLabelCETerm_kept"]) == 0.0
     loss.backward()
@@ -117,7 +110,7 @@ def test_no_confident_pixel_gives_zero_loss_and_zero_gradient(reduction):
 
 
 def test_no_unlabeled_row_or_no_pseudo_labels():
-    net = _net()
+    net = tiny_unet()
     batch = {**_batch(), "labeled": torch.ones(4, dtype=torch.bool)}
     assert PseudoLabelCETerm()(StepContext(batch, torch.device("cpu"), net), "unlabeled") is None
     batch = _batch()
