@@ -10,7 +10,8 @@ from nnunet_contrastive.trainers.few_labels import nnUNetTrainerFewLabels
 from nnunet_contrastive.trainers.global_local import (nnUNetTrainerGlobalLocal, nnUNetTrainerGlobalLocalGDminus,
                                                       nnUNetTrainerGlobalLocalGlobalOnly, nnUNetTrainerGlobalLocalGR,
                                                       nnUNetTrainerGlobalLocalLD, nnUNetTrainerGlobalLocalPretrain)
-from nnunet_contrastive.trainers.mean_teacher import nnUNetTrainerMeanTeacher
+from nnunet_contrastive.trainers.mean_teacher import (nnUNetTrainerMeanTeacher, nnUNetTrainerMeanTeacherCutMix,
+                                                      nnUNetTrainerMeanTeacherCutMixHard)
 from nnunet_contrastive.trainers.plcon import (nnUNetTrainerPLCon, nnUNetTrainerPLConConfident,
                                                nnUNetTrainerPLConIntra, nnUNetTrainerPLConLongWarmup,
                                                nnUNetTrainerPLConLongWarmupConfident,
@@ -45,6 +46,8 @@ __all__ = [
     "nnUNetTrainerSPConPatient",
     "nnUNetTrainerSPConPhase",
     "nnUNetTrainerMeanTeacher",
+    "nnUNetTrainerMeanTeacherCutMix",
+    "nnUNetTrainerMeanTeacherCutMixHard",
     "nnUNetTrainerUnsupCon",
     "nnUNetTrainerARCO",
     "nnUNetTrainerARCOSAG",

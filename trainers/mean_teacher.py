@@ -6,10 +6,14 @@ with one labeled patient (CPU tier, README Results), seeds 0-3: test +0.061, -0.
 0.450; over seeds 0-6 (4-6 decided before they ran) +0.016 +- 0.039, interval over seeds [-0.020, +0.052]. Three
 labeled patients, seeds 0-3: +0.059, +0.028, +0.005, +0.011 (+0.026 +- 0.024, interval over seeds
 [-0.013, +0.064]), validation 0.708 against FewLabels' 0.704.
+
+The CutMix variants keep its batches, ramp and teacher and replace the consistency on the unlabeled rows by the
+consistency on CutMix-pasted pairs of them (French et al. 2020; terms.mean_teacher.CutMixConsistencyTerm).
 """
 from nnunet_contrastive.framework.schedules import SigmoidRampup
 from nnunet_contrastive.framework.stages import Stage, Use
-from nnunet_contrastive.terms import MeanTeacherTerm, SupervisedTerm
+from nnunet_contrastive.terms import CutMixConsistencyTerm, MeanTeacherTerm, SupervisedTerm
+from nnunet_contrastive.terms.mean_teacher import confident_cross_entropy
 from nnunet_contrastive.trainers.staged import nnUNetTrainerStaged
 
 
@@ -28,3 +32,22 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerStaged):
 
     def build_terms(self) -> dict:
         return {"sup": SupervisedTerm(), "mt": MeanTeacherTerm()}
+
+
+class nnUNetTrainerMeanTeacherCutMix(nnUNetTrainerMeanTeacher):
+    """The student sees unlabeled slices with half of another pasted in; softmax-MSE to the teacher's pasted pair."""
+
+    cutmix_area = 0.5
+
+    def build_terms(self) -> dict:
+        return {"sup": SupervisedTerm(), "mt": CutMixConsistencyTerm(self.cutmix_area)}
+
+
+class nnUNetTrainerMeanTeacherCutMixHard(nnUNetTrainerMeanTeacherCutMix):
+    """CutMix with cross-entropy on the teacher's hard labels where it is >= 95 % confident (FixMatch's loss)."""
+
+    min_confidence = 0.95
+
+    def build_terms(self) -> dict:
+        return {"sup": SupervisedTerm(),
+                "mt": CutMixConsistencyTerm(self.cutmix_area, confident_cross_entropy(self.min_confidence))}

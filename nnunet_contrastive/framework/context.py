@@ -132,6 +132,14 @@ class StepContext:
         self._cache[(who, view, rows)] = f
         return f
 
+    def forward_input(self, who: str, x: torch.Tensor) -> Features:
+        """Features of ``who`` on an input a term built itself (e.g. CutMix's pasted rows): one pass, not cached,
+        never flipped; the teacher's without gradients."""
+        net = self._network(who)
+        self.forward_calls += 1
+        with torch.set_grad_enabled(who == "student" and torch.is_grad_enabled()):
+            return forward_with_taps(net, x)
+
     def forward_views(self, who: str = "student", views: tuple = (0, 1), rows: str = "all",
                       encoder_only: bool = False) -> tuple:
         """``forward`` for several views at once: the views' rows are concatenated into ONE pass (fewer, larger

@@ -21,7 +21,8 @@ def _first_step(prepared, name):
     return w0, batch, loss
 
 
-@pytest.mark.parametrize("name", ["nnUNetTrainerFewLabels", "nnUNetTrainerMeanTeacher"])
+@pytest.mark.parametrize("name", ["nnUNetTrainerFewLabels", "nnUNetTrainerMeanTeacher",
+                                  "nnUNetTrainerMeanTeacherCutMixHard"])
 def test_same_seed_same_run_other_seed_other_run(phantom_prepared, monkeypatch, tmp_path, name):
     env = dict(nnUNet_contrastive_epochs=2, nnUNet_contrastive_iterations=2, nnUNet_contrastive_val_iterations=1,
                nnUNet_n_proc_DA=0)
