@@ -3,7 +3,7 @@
 It is nnUNetTrainerSPConSemiOnly without the meta-label contrast (same batches, ramp and teacher). Measured on ACDC
 with one labeled patient (CPU tier, README Results), seeds 0-3: test +0.061, -0.007, -0.001, +0.075 over FewLabels
 (+0.032 +- 0.042, interval over seeds including 0; the RV lost at seeds 1-2), validation 0.454 against SemiOnly's
-0.450; over seeds 0-6 (4-6 decided before they ran) +0.016 +- 0.039, interval over seeds [-0.020, +0.052]. Three
+0.450; over seeds 0-7 (4-7 decided before they ran) +0.014 +- 0.037, interval over seeds [-0.017, +0.044]. Three
 labeled patients, seeds 0-3: +0.059, +0.028, +0.005, +0.011 (+0.026 +- 0.024, interval over seeds
 [-0.013, +0.064]), validation 0.708 against FewLabels' 0.704.
 
