@@ -40,7 +40,7 @@ class nnUNetTrainerMeanTeacherCutMix(nnUNetTrainerMeanTeacher):
     cutmix_area = 0.5
 
     def build_terms(self) -> dict:
-        return {"sup": SupervisedTerm(), "mt": CutMixConsistencyTerm(self.cutmix_area)}
+        return {"sup": SupervisedTerm(shared_pass=False), "mt": CutMixConsistencyTerm(self.cutmix_area)}
 
 
 class nnUNetTrainerMeanTeacherCutMixHard(nnUNetTrainerMeanTeacherCutMix):
@@ -49,5 +49,5 @@ class nnUNetTrainerMeanTeacherCutMixHard(nnUNetTrainerMeanTeacherCutMix):
     min_confidence = 0.95
 
     def build_terms(self) -> dict:
-        return {"sup": SupervisedTerm(),
+        return {"sup": SupervisedTerm(shared_pass=False),
                 "mt": CutMixConsistencyTerm(self.cutmix_area, confident_cross_entropy(self.min_confidence))}

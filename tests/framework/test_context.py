@@ -84,3 +84,34 @@ def test_two_views_with_a_flipped_student_fall_back_to_separate_passes():
     ctx = StepContext(_batch(), torch.device("cpu"), net, flip_generator=torch.Generator().manual_seed(0))
     ctx.forward_views("student", (0, 1), encoder_only=True)
     assert ctx.forward_calls == 2
+
+
+def test_supervised_term_shares_the_all_rows_pass_or_runs_on_its_rows_only():
+    from nnunet_contrastive.terms import SupervisedTerm
+    batch = dict(_batch(), target=[torch.zeros(4, 1, 16, 16)])
+    seen = []
+
+    def loss_fn(out, target):
+        seen.append(out[0].shape[0])
+        return out[0].float().mean()
+
+    shared = StepContext(batch, torch.device("cpu"), _net())
+    lean = StepContext(batch, torch.device("cpu"), _net())
+    a, _ = SupervisedTerm(loss_fn)(shared, "labeled")
+    b, _ = SupervisedTerm(loss_fn, shared_pass=False)(lean, "labeled")
+    assert seen == [2, 2]  # the loss sees the labeled rows either way ...
+    torch.testing.assert_close(a, b)  # ... with the same outputs (instance norm: rows are independent)
+    shared.forward("student", 0, "unlabeled")
+    lean.forward("student", 0, "unlabeled")
+    assert shared.forward_calls == 1 and lean.forward_calls == 2  # the lean pass computed no unlabeled row
+
+
+def test_forward_input_is_one_uncached_pass_with_gradients_for_the_student_only():
+    net, teacher = _net(), _net()
+    ctx = StepContext(_batch(), torch.device("cpu"), net, teacher=teacher)
+    x = torch.randn(3, 1, 16, 16)
+    s = ctx.forward_input("student", x).logits
+    t = ctx.forward_input("teacher", x).logits
+    assert ctx.forward_calls == 2 and s.requires_grad and not t.requires_grad
+    out = net(x)
+    torch.testing.assert_close(s, out[0] if isinstance(out, (list, tuple)) else out)
