@@ -17,12 +17,13 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["box_masks", "paste", "partners"]
+__all__ = ["area_range", "box_masks", "paste", "partners"]
 
 AreaLike = Union[float, Sequence[float]]
 
 
-def _area_range(area: AreaLike) -> tuple[float, float]:
+def area_range(area: AreaLike) -> tuple[float, float]:
+    """``(low, high)`` of a box fraction or range; a clear error for anything outside (0, 1)."""
     low, high = (float(area), float(area)) if isinstance(area, (int, float)) else tuple(float(a) for a in area)
     if not 0.0 < low <= high < 1.0:
         raise ValueError(f"area must be a fraction in (0, 1) or a range (low, high) with 0 < low <= high < 1, "
@@ -39,7 +40,7 @@ def box_masks(n: int, spatial_shape: Sequence[int], area: AreaLike = 0.5,
     shape = tuple(int(s) for s in spatial_shape)
     if len(shape) not in (2, 3) or min(shape) < 1:
         raise ValueError(f"spatial_shape must be 2 or 3 positive sizes, got {tuple(spatial_shape)}")
-    low, high = _area_range(area)
+    low, high = area_range(area)
     d = len(shape)
     areas = low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
     u = torch.rand(n, d, generator=generator, dtype=torch.float64).clamp(min=1e-6)

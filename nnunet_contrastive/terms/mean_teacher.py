@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nnunet_contrastive.components.cutmix import box_masks, partners, paste
+from nnunet_contrastive.components.cutmix import area_range, box_masks, partners, paste
 from nnunet_contrastive.components.teacher import mean_teacher_consistency, softmax_squared_error
 from nnunet_contrastive.terms.base import LossTerm
-from nnunet_contrastive.terms.pseudo_label import confident_pseudo_labels, pixel_mean
+from nnunet_contrastive.terms.pseudo_label import confident_pseudo_labels, pseudo_label_cross_entropy
 
 __all__ = ["MeanTeacherTerm", "CutMixConsistencyTerm", "confident_cross_entropy"]
 
@@ -54,9 +54,7 @@ def confident_cross_entropy(min_confidence: float = 0.95):
 
     def loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         conf, hard = F.softmax(teacher.detach().float(), dim=1).max(dim=1)
-        target = confident_pseudo_labels(hard, conf, float(min_confidence))
-        ce = F.cross_entropy(student.float(), target.clamp(min=0), reduction="none")
-        return pixel_mean(ce, target, student.shape[1])
+        return pseudo_label_cross_entropy(student, confident_pseudo_labels(hard, conf, float(min_confidence)))
 
     return loss
 
@@ -70,8 +68,9 @@ class CutMixConsistencyTerm(LossTerm):
 
     def __init__(self, area=0.5, loss=None):
         super().__init__()
-        box_masks(0, (2, 2), area)  # checks ``area`` now, not at the first step
-        self.area, self.loss = area, loss
+        area_range(area)  # checks ``area`` now, not at the first step
+        self.area = area
+        self.loss = mean_teacher_consistency if loss is None else loss
 
     def forward(self, ctx, rows: str = "unlabeled"):
         n = ctx.num_rows(rows)
@@ -85,6 +84,4 @@ class CutMixConsistencyTerm(LossTerm):
         partner = partners(n, x.device)
         student = ctx.forward_input("student", paste(x, masks, partner)).logits
         target = paste(teacher.detach(), masks, partner)
-        if self.loss is None:
-            return mean_teacher_consistency(student, target), {}
         return self.loss(student, target), {}

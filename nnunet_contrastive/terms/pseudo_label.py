@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from nnunet_contrastive.losses.core import class_averaged_mean
 from nnunet_contrastive.terms.base import LossTerm
 
-__all__ = ["PseudoLabelCETerm", "confident_pseudo_labels", "batch_pseudo_labels", "pixel_mean", "class_balanced_mean"]
+__all__ = ["PseudoLabelCETerm", "confident_pseudo_labels", "batch_pseudo_labels", "pixel_mean", "class_balanced_mean",
+           "pseudo_label_cross_entropy"]
 
 
 def confident_pseudo_labels(pseudo: torch.Tensor, confidence: torch.Tensor | None, min_confidence: float):
@@ -57,6 +58,13 @@ def class_balanced_mean(ce: torch.Tensor, target: torch.Tensor, num_classes: int
     return class_averaged_mean(ce.flatten(), target.clamp(min=0).flatten(), kept, num_classes)[0]
 
 
+def pseudo_label_cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction=pixel_mean) -> torch.Tensor:
+    """Cross-entropy of ``logits`` (n, C, *S) on ``target`` (n, *S; -1: left out), per pixel in float32, reduced by
+    ``reduction(ce, target, num_classes)``. No indexing by data, so no device sync per step."""
+    ce = F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")
+    return reduction(ce, target, logits.shape[1])
+
+
 class PseudoLabelCETerm(LossTerm):
     """Args: min_confidence (pixels whose pseudo-label confidence is below it are ignored; 0: every pixel);
     reduction (``pixel_mean`` or ``class_balanced_mean``, or any ``f(ce, target, num_classes) -> scalar``)."""
@@ -80,6 +88,5 @@ class PseudoLabelCETerm(LossTerm):
         if target.shape != logits.shape[:1] + logits.shape[2:]:
             raise ValueError(f"{self.name}: pseudo-labels {tuple(target.shape)} do not match the logits "
                              f"{tuple(logits.shape)}")
-        ce = F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")  # no device sync per step
-        loss = self.reduction(ce, target, logits.shape[1])
+        loss = pseudo_label_cross_entropy(logits, target, self.reduction)
         return loss, {f"{self.name}_kept": (target >= 0).float().mean().detach()}

@@ -97,11 +97,10 @@ def test_cutmix_confident_cross_entropy_matches_numpy_reference():
     from nnunet_contrastive.terms import CutMixConsistencyTerm
     from nnunet_contrastive.terms.mean_teacher import confident_cross_entropy
     ctx = _ctx(labeled=(True, False, False, False))
-    _, t = _cutmix_reference(ctx, 12)
+    s, t = _cutmix_reference(ctx, 12)
     threshold = float(np.quantile(t.max(axis=1), 0.5))  # about half of the pixels are confident enough
     torch.manual_seed(12)
     loss, _ = CutMixConsistencyTerm(loss=confident_cross_entropy(threshold))(ctx, "unlabeled")
-    s, t = _cutmix_reference(ctx, 12)
     hard, conf = t.argmax(axis=1), t.max(axis=1)
     ce = -np.log(np.take_along_axis(s, hard[:, None], axis=1)[:, 0])
     kept = conf >= threshold
