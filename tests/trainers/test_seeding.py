@@ -22,7 +22,7 @@ def _first_step(prepared, name):
 
 
 @pytest.mark.parametrize("name", ["nnUNetTrainerFewLabels", "nnUNetTrainerMeanTeacher",
-                                  "nnUNetTrainerMeanTeacherCutMixHard"])
+                                  "nnUNetTrainerMeanTeacherCutMixHard", "nnUNetTrainerBCP"])
 def test_same_seed_same_run_other_seed_other_run(phantom_prepared, monkeypatch, tmp_path, name):
     env = dict(nnUNet_contrastive_epochs=2, nnUNet_contrastive_iterations=2, nnUNet_contrastive_val_iterations=1,
                nnUNet_n_proc_DA=0)
