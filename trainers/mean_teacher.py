@@ -4,8 +4,8 @@ It is nnUNetTrainerSPConSemiOnly without the meta-label contrast (same batches, 
 with one labeled patient (CPU tier, README Results), seeds 0-3: test +0.061, -0.007, -0.001, +0.075 over FewLabels
 (+0.032 +- 0.042, interval over seeds including 0; the RV lost at seeds 1-2), validation 0.454 against SemiOnly's
 0.450; over seeds 0-7 (4-7 decided before they ran) +0.014 +- 0.037, interval over seeds [-0.017, +0.044]. Three
-labeled patients, seeds 0-3: +0.059, +0.028, +0.005, +0.011 (+0.026 +- 0.024, interval over seeds
-[-0.013, +0.064]), validation 0.708 against FewLabels' 0.704.
+labeled patients, seeds 0-4: +0.059, +0.028, +0.005, +0.011, -0.007 (+0.019 +- 0.026, interval over seeds
+[-0.013, +0.051]), validation 0.714 against FewLabels' 0.715.
 
 The CutMix variants keep its batches, ramp and teacher and replace the consistency on the unlabeled rows by the
 consistency on CutMix-pasted pairs of them (French et al. 2020; terms.mean_teacher.CutMixConsistencyTerm). ACDC,
