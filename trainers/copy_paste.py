@@ -7,6 +7,9 @@ unlabeled frame), scored against the ground truth where the pixels are labeled a
 says where we depart from the authors' code). The term is ramped in like the Mean Teacher's consistency, so the
 teacher labels nothing that counts before it has learned from the labeled rows. One view per row: the teacher
 labels the very pixels the student sees pasted.
+
+ACDC, one labeled patient, seed 0 (CPU tier, README Results), defaults untuned: validation 0.709 against Mean
+Teacher's 0.594 and FewLabels' 0.561; test 0.720, +0.183 over FewLabels. One seed; the next are declared.
 """
 from nnunet_contrastive.framework.schedules import SigmoidRampup
 from nnunet_contrastive.framework.stages import LoaderSpec, Stage, Use
