@@ -27,7 +27,7 @@ json.dump(s, open(p, "w"), indent=1)
 PY
 timeout ${LIMIT:-480} $PY -m nnunet_contrastive.cli benchmark --dataset acdc --quick --plans-override none \
   --device $DEV --skip-label-efficiency --workdir $R/.gpu/wd --data $R/.gpu/acdc_src --out $OUT/report \
-  --trainers ${TRAINERS:-nnUNetTrainerSPCon nnUNetTrainerGlobalLocal nnUNetTrainerPLCon nnUNetTrainerARCO} \
+  --trainers ${TRAINERS:-nnUNetTrainerSPCon nnUNetTrainerGlobalLocal nnUNetTrainerPLCon nnUNetTrainerARCO nnUNetTrainerMeanTeacher nnUNetTrainerBCP} \
   --cost-warmup ${WARM:-5} --cost-iterations ${ITS:-20} 2>&1 | tee $OUT/benchmark.log
 rc=$?
 tar czf $OUT/cost.tgz -C $R/.gpu/wd cost 2>/dev/null
