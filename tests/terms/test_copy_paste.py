@@ -137,3 +137,17 @@ def test_needs_both_kinds_of_rows_and_a_valid_setup():
         BidirectionalCopyPasteTerm()(_ctx(trainer=regions))
     with pytest.raises(ValueError, match="weight"):
         weighted_dice_ce(torch.zeros(2, 3, 4, 4), torch.zeros(2, 1, 4, 4), torch.ones(2, 4, 4))
+
+
+def test_mixed_precision_gives_a_float32_loss_close_to_full_precision():
+    """Under autocast (bfloat16 on CPU here, float16 on CUDA for users) the logits are low precision; the loss is
+    computed in float32 and stays near the full-precision value on the same boxes."""
+    ctx = _ctx()
+    torch.manual_seed(23)
+    full = float(BidirectionalCopyPasteTerm()(ctx)[0].detach())
+    ctx = _ctx()
+    torch.manual_seed(23)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = BidirectionalCopyPasteTerm()(ctx)
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+    assert float(low.detach()) == pytest.approx(full, abs=0.05)
