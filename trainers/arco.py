@@ -64,8 +64,7 @@ class nnUNetTrainerARCO(nnUNetTrainerStaged):
                       flip_student=True)]
 
     def build_terms(self) -> dict:
-        if self.label_manager.has_regions:
-            raise ValueError(f"{type(self).__name__}: ARCO contrasts classes; region-based training is not supported.")
+        self.refuse_regions("ARCO contrasts classes")
         kwargs = {} if self.sampler == "ns" else {"grid": self.sampler_grid}
         head = MultiScaleDenseHead.for_network(self.network, hidden=self.head_hidden, out_dim=self.head_dim,
                                                taps=self.head_taps)

@@ -35,5 +35,7 @@ class nnUNetTrainerBCP(nnUNetTrainerStaged):
                       flip_student=True)]
 
     def build_terms(self) -> dict:
+        self.refuse_regions("copy-paste targets are class labels (the teacher's argmax)")
         return {"sup": SupervisedTerm(shared_pass=False),
-                "bcp": BidirectionalCopyPasteTerm(self.bcp_area, self.unlabeled_weight)}
+                "bcp": BidirectionalCopyPasteTerm(self.bcp_area, self.unlabeled_weight,
+                                                  ignore_label=self.label_manager.ignore_label, ddp=self.is_ddp)}

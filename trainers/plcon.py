@@ -138,9 +138,7 @@ class PseudoLabelRounds:
 
     def pixel_terms(self, temperature: float) -> dict:
         """The rounds' terms: "plcon" (pixel contrast, head on the last decoder stage) and "plce"."""
-        if self.label_manager.has_regions:
-            raise ValueError(f"{type(self).__name__}: region-based datasets are not supported (pseudo-labels are "
-                             f"class labels).")
+        self.refuse_regions("pseudo-labels are class labels")
         head = PixelEmbeddingHead.for_network(self.network, self.embedding_dim)
         return {"plcon": PixelContrastTerm(head, self.label_manager.foreground_labels, temperature,
                                            self.pixels_per_class, self.inter_image, build_sampler(self.pixel_sampler),

@@ -85,6 +85,13 @@ class nnUNetTrainerStaged(nnUNetTrainerContrastiveBase):
     def build_terms(self) -> dict:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__} builds no loss terms")
 
+    def refuse_regions(self, why: str) -> None:
+        """For ``build_terms`` of trainers whose terms need one class per pixel: a clear error at start-up when the
+        dataset trains regions (dataset.json 'regions_class_order'), saying ``why``."""
+        if self.label_manager.has_regions:
+            raise ValueError(f"{type(self).__name__}: region-based datasets (dataset.json 'regions_class_order') are "
+                             f"not supported: {why}.")
+
     @classmethod
     def teacher_student_loader(cls) -> LoaderSpec:
         """The batches of a stage where an EMA teacher labels what the student sees: the plans' batch of labeled rows

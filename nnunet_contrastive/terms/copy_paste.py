@@ -51,36 +51,36 @@ def weighted_dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.T
 
 class BidirectionalCopyPasteTerm(LossTerm):
     """Copy-paste between labeled and unlabeled rows in both directions (module docstring). ``rows`` is ignored:
-    the term mixes the batch's labeled rows with its unlabeled ones (None when either is missing).
+    the term mixes the batch's labeled rows with its unlabeled ones (None when either is missing). Class labels
+    only: the trainer refuses region-based datasets (``refuse_regions``).
     Args: area (box fraction, or a (low, high) range); unlabeled_weight (pseudo-label pixels' weight, > 0);
-    batch_dice (Dice over the whole mixed batch, as nnU-Net's 2d default, or per row)."""
+    batch_dice (Dice over the whole mixed batch, as nnU-Net's 2d default, or per row); ignore_label (the
+    dataset's ignore label, whose pixels weigh 0, or None); ddp (batch Dice gathered over the DDP ranks, as
+    nnU-Net's)."""
 
     uses_teacher = True
 
-    def __init__(self, area=0.5, unlabeled_weight: float = 0.5, batch_dice: bool = True):
+    def __init__(self, area=0.5, unlabeled_weight: float = 0.5, batch_dice: bool = True, ignore_label=None,
+                 ddp: bool = False):
         super().__init__()
         area_range(area)  # checks ``area`` now, not at the first step
         if not float(unlabeled_weight) > 0.0:
             raise ValueError(f"unlabeled_weight must be > 0, got {unlabeled_weight}")
         self.area, self.unlabeled_weight, self.batch_dice = area, float(unlabeled_weight), bool(batch_dice)
+        self.ignore_label, self.ddp = ignore_label, bool(ddp)
 
     def forward(self, ctx, rows: str = "all"):
         n_lab, n_unl = ctx.num_rows("labeled"), ctx.num_rows("unlabeled")
         if n_lab == 0 or n_unl == 0:
             return None
-        manager = getattr(ctx.trainer, "label_manager", None)
-        if manager is not None and manager.has_regions:
-            raise ValueError("BidirectionalCopyPasteTerm needs one class per pixel (softmax), but this dataset trains "
-                             "regions (dataset.json 'regions_class_order'); use a trainer without copy-paste")
         x = ctx.input(0)
         x_lab, x_unl = x[ctx.rows("labeled")], x[ctx.rows("unlabeled")]
         y = ctx.target("labeled")
         y = (y[0] if isinstance(y, (list, tuple)) else y).long()
         valid = torch.ones_like(y, dtype=torch.float32)
-        ignore = None if manager is None else manager.ignore_label
-        if ignore is not None:
-            valid = (y != ignore).float()
-            y = torch.where(y == ignore, torch.zeros_like(y), y)
+        if self.ignore_label is not None:
+            valid = (y != self.ignore_label).float()
+            y = torch.where(y == self.ignore_label, torch.zeros_like(y), y)
         pseudo = ctx.forward("teacher", 0, "unlabeled").logits.detach().argmax(dim=1, keepdim=True)
 
         j = torch.arange(n_unl, device=x.device)
@@ -96,5 +96,5 @@ class BidirectionalCopyPasteTerm(LossTerm):
 
         student = ctx.forward_input("student", torch.cat([x_in, x_out])).logits
         loss = weighted_dice_ce(student, torch.cat([t_in, t_out]), torch.cat([w_in, w_out]), self.batch_dice,
-                                ddp=bool(getattr(ctx.trainer, "is_ddp", False)))
+                                ddp=self.ddp)
         return loss, {"bcp_pseudo_foreground": (pseudo > 0).float().mean()}

@@ -54,12 +54,12 @@ def test_weight_one_is_nnunets_dice_and_ce():
         float(stock(logits, target)), rel=1e-5)
 
 
-def _ctx(labeled=(True, True, False, False, False), trainer=None, seed=5):
+def _ctx(labeled=(True, True, False, False, False), seed=5):
     g = torch.Generator().manual_seed(seed)
     n = len(labeled)
     batch = {"data": torch.randn(n, 1, 8, 8, generator=g), "labeled": torch.tensor(labeled),
              "target": [torch.randint(0, 3, (n, 1, 8, 8), generator=g).float()]}
-    return StepContext(batch, torch.device("cpu"), tiny_unet(0), teacher=tiny_unet(1), trainer=trainer)
+    return StepContext(batch, torch.device("cpu"), tiny_unet(0), teacher=tiny_unet(1))
 
 
 def _reference(ctx, seed, alpha, ignore=None):
@@ -116,11 +116,10 @@ def test_term_matches_numpy_construction_and_trains_the_student_only():
 
 
 def test_ignore_label_pixels_weigh_nothing():
-    manager = SimpleNamespace(has_regions=False, ignore_label=2)
-    ctx = _ctx(labeled=(True, False, False), trainer=SimpleNamespace(label_manager=manager, is_ddp=False), seed=6)
+    ctx = _ctx(labeled=(True, False, False), seed=6)
     assert (ctx.batch["target"][0][0] == 2).any()
     torch.manual_seed(22)
-    loss, _ = BidirectionalCopyPasteTerm()(ctx)
+    loss, _ = BidirectionalCopyPasteTerm(ignore_label=2)(ctx)
     ref, _ = _reference(ctx, 22, 0.5, ignore=2)
     assert float(loss.detach()) == pytest.approx(ref, rel=1e-4)
 
@@ -132,11 +131,28 @@ def test_needs_both_kinds_of_rows_and_a_valid_setup():
         BidirectionalCopyPasteTerm(area=0.0)
     with pytest.raises(ValueError, match="unlabeled_weight"):
         BidirectionalCopyPasteTerm(unlabeled_weight=0.0)
-    regions = SimpleNamespace(label_manager=SimpleNamespace(has_regions=True, ignore_label=None))
     with pytest.raises(ValueError, match="regions"):
-        BidirectionalCopyPasteTerm()(_ctx(trainer=regions))
+        _trainer_on_regions("nnUNetTrainerBCP").build_terms()
     with pytest.raises(ValueError, match="weight"):
         weighted_dice_ce(torch.zeros(2, 3, 4, 4), torch.zeros(2, 1, 4, 4), torch.ones(2, 4, 4))
+
+
+def _trainer_on_regions(name):
+    """A trainer object of class ``name`` (not initialised) whose dataset trains regions."""
+    import nnunet_contrastive.trainers as T
+    trainer = object.__new__(getattr(T, name))
+    trainer.label_manager = SimpleNamespace(has_regions=True, ignore_label=None)
+    trainer.is_ddp = False
+    return trainer
+
+
+@pytest.mark.parametrize("name, build", [("nnUNetTrainerBCP", "build_terms"), ("nnUNetTrainerARCO", "build_terms"),
+                                         ("nnUNetTrainerPLCon", "pixel_terms")])
+def test_class_label_trainers_refuse_regions_at_start_up(name, build):
+    trainer = _trainer_on_regions(name)
+    args = (0.1,) if build == "pixel_terms" else ()
+    with pytest.raises(ValueError, match=f"{name}: region-based datasets .*regions_class_order"):
+        getattr(trainer, build)(*args)
 
 
 def test_mixed_precision_gives_a_float32_loss_close_to_full_precision():
