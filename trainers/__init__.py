@@ -6,7 +6,8 @@ class is exported here; `__all__` is what the trainer index re-exports.
 from nnunet_contrastive.trainers.arco import nnUNetTrainerARCO, nnUNetTrainerARCONS, nnUNetTrainerARCOSAG
 from nnunet_contrastive.trainers.base import nnUNetTrainerContrastiveBase
 from nnunet_contrastive.trainers.copy_paste import nnUNetTrainerBCP
-from nnunet_contrastive.trainers.composed import nnUNetTrainerComposed, nnUNetTrainerComposedOneLR
+from nnunet_contrastive.trainers.composed import (nnUNetTrainerComposed, nnUNetTrainerComposedOneLR,
+                                                  nnUNetTrainerSPConBCP)
 from nnunet_contrastive.trainers.few_labels import nnUNetTrainerFewLabels
 from nnunet_contrastive.trainers.global_local import (nnUNetTrainerGlobalLocal, nnUNetTrainerGlobalLocalGDminus,
                                                       nnUNetTrainerGlobalLocalGlobalOnly, nnUNetTrainerGlobalLocalGR,
@@ -76,4 +77,5 @@ __all__ = [
     "nnUNetTrainerPLConSelfTrainLongWarmupOneLR",
     "nnUNetTrainerComposed",
     "nnUNetTrainerComposedOneLR",
+    "nnUNetTrainerSPConBCP",
 ]

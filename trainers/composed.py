@@ -23,6 +23,12 @@ Measured (ACDC CPU tier, one labeled patient; README, Results): at seed 0 valida
 but over seeds 0-3 its test gain is -0.017 +- 0.032 and its validation mean 0.435 is below SPConSemiOnly's 0.450 and
 PLConLongWarmup's 0.442: rejected on validation.
 
+``nnUNetTrainerSPConBCP``: SPCon (trainers/spcon.py: meta-label pre-training, then Dice+CE + the self-paced
+contrast) whose stage-2 teacher-student term is bidirectional copy-paste (trainers/copy_paste.py) instead of Mean
+Teacher, by the mixin ``CopyPasteConsistency`` that overrides SPCon's ``consistency_use`` / ``consistency_term``.
+Declared because BCP is the one stage-2 regulariser that moved ACDC N = 1 far above FewLabels (seed 0); not
+measured yet.
+
 ``self.network`` stays nnU-Net's network (stock predictor); the projection head, the pixel head and the teacher
 live under our checkpoint key; ``checkpoint_teacher.pth`` is written at the end; ``checkpoint_warmup_end.pth`` keeps
 the end of the warm-up so variants that only change the rounds share it (benchmark ``--share-warmup``).
@@ -33,10 +39,11 @@ from dataclasses import replace
 
 from nnunet_contrastive.framework.schedules import SigmoidRampup
 from nnunet_contrastive.terms.meta_contrast import training_progress
+from nnunet_contrastive.trainers.copy_paste import CopyPasteConsistency
 from nnunet_contrastive.trainers.plcon import PseudoLabelRounds
 from nnunet_contrastive.trainers.spcon import nnUNetTrainerSPCon
 
-__all__ = ["nnUNetTrainerComposed", "nnUNetTrainerComposedOneLR"]
+__all__ = ["nnUNetTrainerComposed", "nnUNetTrainerComposedOneLR", "nnUNetTrainerSPConBCP"]
 
 
 class nnUNetTrainerComposed(PseudoLabelRounds, nnUNetTrainerSPCon):
@@ -70,3 +77,8 @@ class nnUNetTrainerComposedOneLR(nnUNetTrainerComposed):
     """The rounds continue the warm-up's poly-LR decay (no restart at round 1): SPConSemiOnly's schedule + pixel
     contrast."""
     rounds_restart_lr = False
+
+
+class nnUNetTrainerSPConBCP(CopyPasteConsistency, nnUNetTrainerSPCon):
+    """SPCon (meta-label pre-training, then Dice+CE + self-paced contrast) with BCP's copy-paste in place of Mean
+    Teacher."""

@@ -17,25 +17,39 @@ from nnunet_contrastive.terms import SupervisedTerm
 from nnunet_contrastive.terms.copy_paste import BidirectionalCopyPasteTerm
 from nnunet_contrastive.trainers.staged import nnUNetTrainerStaged
 
+__all__ = ["CopyPasteConsistency", "nnUNetTrainerBCP"]
 
-class nnUNetTrainerBCP(nnUNetTrainerStaged):
+
+class CopyPasteConsistency:
+    """Mixin: bidirectional copy-paste as a staged trainer's teacher-student term ("bcp", on all rows: it mixes the
+    labeled rows with the unlabeled ones), built from the class attributes below."""
+
+    bcp_area = 0.5
+    unlabeled_weight = 0.5
+
+    @classmethod
+    def consistency_use(cls, weight) -> Use:
+        return Use("bcp", weight, rows="all")
+
+    def consistency_term(self) -> dict:
+        self.refuse_regions("copy-paste targets are class labels (the teacher's argmax)")
+        return {"bcp": BidirectionalCopyPasteTerm(self.bcp_area, self.unlabeled_weight,
+                                                  ignore_label=self.label_manager.ignore_label, ddp=self.is_ddp)}
+
+
+class nnUNetTrainerBCP(CopyPasteConsistency, nnUNetTrainerStaged):
     """Dice+CE on labeled rows + Dice+CE on labeled/unlabeled copy-paste mixes against labels and teacher labels."""
 
     lambda_bcp = 1.0
     bcp_rampup_fraction = 0.2
-    bcp_area = 0.5
-    unlabeled_weight = 0.5
 
     @classmethod
     def declare_stages(cls) -> list:
         loader = LoaderSpec(labeled="batch", unlabeled=float(cls.unlabeled_batch_ratio), views=1)
         return [Stage("semi", None, loader,
                       terms=(Use("sup", rows="labeled"),
-                             Use("bcp", SigmoidRampup(cls.lambda_bcp, cls.bcp_rampup_fraction), rows="all")),
+                             cls.consistency_use(SigmoidRampup(cls.lambda_bcp, cls.bcp_rampup_fraction))),
                       flip_student=True)]
 
     def build_terms(self) -> dict:
-        self.refuse_regions("copy-paste targets are class labels (the teacher's argmax)")
-        return {"sup": SupervisedTerm(shared_pass=False),
-                "bcp": BidirectionalCopyPasteTerm(self.bcp_area, self.unlabeled_weight,
-                                                  ignore_label=self.label_manager.ignore_label, ddp=self.is_ddp)}
+        return {"sup": SupervisedTerm(shared_pass=False), **self.consistency_term()}

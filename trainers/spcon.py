@@ -87,8 +87,16 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
     @classmethod
     def semi_terms(cls, mt_weight) -> tuple:
         """Stage 2's terms (Eq. 15) with the Mean-Teacher weight ``mt_weight`` (a number or a ramp)."""
-        return (Use("sup", rows="labeled"), Use("mt", mt_weight, rows="unlabeled"),
-                Use("sp", cls.lambda_sp, rows="unlabeled"))
+        return (Use("sup", rows="labeled"), cls.consistency_use(mt_weight), Use("sp", cls.lambda_sp, rows="unlabeled"))
+
+    @classmethod
+    def consistency_use(cls, weight) -> Use:
+        """Stage 2's teacher-student term with its weight (L_MT on the unlabeled rows); see ``consistency_term``."""
+        return Use("mt", weight, rows="unlabeled")
+
+    def consistency_term(self) -> dict:
+        """The term ``consistency_use`` names, built: Mean Teacher's softmax-MSE."""
+        return {"mt": MeanTeacherTerm(self.mt_reduction)}
 
     @classmethod
     def semi_stage(cls) -> Stage:
@@ -103,7 +111,7 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
 
     def build_terms(self) -> dict:
         head = GlobalProjectionHead.for_network(self.network, out_dim=self.head_dim, grid_size=self.head_grid)
-        return {"sup": SupervisedTerm(), "mt": MeanTeacherTerm(self.mt_reduction),
+        return {"sup": SupervisedTerm(), **self.consistency_term(),
                 "sp": MetaLabelContrastTerm(head, temperature=self.temperature, weighting=self.weighting,
                                             label_weights=self.meta_label_weights, gamma_start=self.gamma_start,
                                             gamma_end=self.gamma_end, gamma_power=self.gamma_power,

@@ -147,7 +147,8 @@ def _trainer_on_regions(name):
 
 
 @pytest.mark.parametrize("name, build", [("nnUNetTrainerBCP", "build_terms"), ("nnUNetTrainerARCO", "build_terms"),
-                                         ("nnUNetTrainerPLCon", "pixel_terms")])
+                                         ("nnUNetTrainerPLCon", "pixel_terms"),
+                                         ("nnUNetTrainerSPConBCP", "consistency_term")])
 def test_class_label_trainers_refuse_regions_at_start_up(name, build):
     trainer = _trainer_on_regions(name)
     args = (0.1,) if build == "pixel_terms" else ()

@@ -112,3 +112,52 @@ def test_composed_cli_train_predict_evaluate(phantom_prepared):
         assert os.path.isfile(os.path.join(fold, f)), f
     dice = predict_and_dice(prepared, "nnUNetTrainerComposed", env, out_name="pred_composed")
     assert dice > 0.05
+
+
+# ------------------------------------------------------------------ SPCon with copy-paste in place of Mean Teacher
+def test_spcon_bcp_declares_spcon_stages_with_copy_paste_in_place_of_mean_teacher():
+    from nnunet_contrastive.trainers import nnUNetTrainerSPCon, nnUNetTrainerSPConBCP
+
+    bcp, spcon = nnUNetTrainerSPConBCP.stage_plan(1000), nnUNetTrainerSPCon.stage_plan(1000)
+    assert [(s.name, s.epochs) for s in bcp.stages] == [(s.name, s.epochs) for s in spcon.stages] == \
+        [("pretrain", 100), ("semi", 900)]
+    assert bcp.stages[0] == spcon.stages[0]  # the same label-free pre-training
+    semi, ref = bcp.stages[1], spcon.stages[1]
+    assert [(u.term, u.rows) for u in semi.terms] == [("sup", "labeled"), ("bcp", "all"), ("sp", "unlabeled")]
+    assert [(u.term, u.rows) for u in ref.terms] == [("sup", "labeled"), ("mt", "unlabeled"), ("sp", "unlabeled")]
+    # the copy-paste term takes Mean Teacher's ramp: sigmoid over the first 20 % of the stage, then 1
+    for p in (0.0, 0.1, 0.2, 0.5):
+        assert semi.terms[1].weight_at(p) == pytest.approx(ref.terms[1].weight_at(p))
+    assert semi.terms[1].weight_at(0.1) == pytest.approx(math.exp(-5 * 0.5 ** 2))
+    assert semi.loader == ref.loader and semi.loader.views == 2 and semi.flip_student and semi.resync_teacher
+
+
+@pytest.fixture
+def spcon_bcp_in_process(phantom_prepared, monkeypatch, tmp_path):
+    return phantom_in_process(phantom_prepared, monkeypatch, str(tmp_path / "results"),
+                              nnUNet_contrastive_stage_epochs="1,1", nnUNet_contrastive_iterations=2,
+                              nnUNet_contrastive_val_iterations=1)
+
+
+@pytest.mark.slow
+def test_spcon_bcp_stage2_step_trains_copy_paste_and_contrast_without_reading_unlabeled_labels(
+        spcon_bcp_in_process, tmp_path):
+    t = build_trainer(spcon_bcp_in_process, "nnUNetTrainerSPConBCP")
+    t.initialize()
+    t.do_split()
+    assert set(t.terms) == {"sup", "bcp", "sp"}
+    with hide_label_files(t, t.unlabeled_keys, str(tmp_path)):
+        t.on_train_start()
+        out = t.train_step(next(t.dataloader_train))  # stage 1: the contrast alone
+        assert np.isfinite(out["loss"]) and "sp_loss" in t._epoch_stats and "bcp_loss" not in t._epoch_stats
+        t._finish_loaders()
+        t.current_epoch = 1
+        t.on_epoch_start()  # stage 2
+        t._epoch_stats = {}
+        before = [p.detach().clone() for p in t.network.decoder.parameters()]
+        out = t.train_step(next(t.dataloader_train))
+        assert np.isfinite(out["loss"])
+        assert {"sup_loss", "bcp_loss", "sp_loss", "bcp_pseudo_foreground"} <= set(t._epoch_stats)
+        assert "mt_loss" not in t._epoch_stats
+        assert any(not torch.equal(a, b) for a, b in zip(before, t.network.decoder.parameters()))
+        t._finish_loaders()
