@@ -56,11 +56,16 @@ def test_one_lr_variant_follows_one_poly_decay_over_the_run(monkeypatch):
     assert StagedPolyLR(opt, 0.01, default).lr_at(15.0) == pytest.approx(0.01)
 
 
+def _two_step_epochs(prepared, monkeypatch, tmp_path, stage_epochs):
+    """The phantom dataset prepared for in-process trainers: one epoch of 2 iterations per stage."""
+    return phantom_in_process(prepared, monkeypatch, str(tmp_path / "results"),
+                              nnUNet_contrastive_stage_epochs=stage_epochs, nnUNet_contrastive_iterations=2,
+                              nnUNet_contrastive_val_iterations=1)
+
+
 @pytest.fixture
 def in_process(phantom_prepared, monkeypatch, tmp_path):
-    return phantom_in_process(phantom_prepared, monkeypatch, str(tmp_path / "results"),
-                              nnUNet_contrastive_stage_epochs="1,1,1,1", nnUNet_contrastive_iterations=2,
-                              nnUNet_contrastive_val_iterations=1)
+    return _two_step_epochs(phantom_prepared, monkeypatch, tmp_path, "1,1,1,1")
 
 
 @pytest.mark.slow
@@ -134,9 +139,7 @@ def test_spcon_bcp_declares_spcon_stages_with_copy_paste_in_place_of_mean_teache
 
 @pytest.fixture
 def spcon_bcp_in_process(phantom_prepared, monkeypatch, tmp_path):
-    return phantom_in_process(phantom_prepared, monkeypatch, str(tmp_path / "results"),
-                              nnUNet_contrastive_stage_epochs="1,1", nnUNet_contrastive_iterations=2,
-                              nnUNet_contrastive_val_iterations=1)
+    return _two_step_epochs(phantom_prepared, monkeypatch, tmp_path, "1,1")
 
 
 @pytest.mark.slow
