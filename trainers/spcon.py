@@ -85,9 +85,11 @@ class nnUNetTrainerSPCon(nnUNetTrainerStaged):
                      trains=("encoder", "sp"), terms=(Use("sp"),), pretraining=True)
 
     @classmethod
-    def semi_terms(cls, mt_weight) -> tuple:
-        """Stage 2's terms (Eq. 15) with the Mean-Teacher weight ``mt_weight`` (a number or a ramp)."""
-        return (Use("sup", rows="labeled"), cls.consistency_use(mt_weight), Use("sp", cls.lambda_sp, rows="unlabeled"))
+    def semi_terms(cls, consistency_weight) -> tuple:
+        """Stage 2's terms (Eq. 15); ``consistency_weight`` (a number or a ramp) weighs the teacher-student term of
+        ``consistency_use`` (Mean Teacher here)."""
+        return (Use("sup", rows="labeled"), cls.consistency_use(consistency_weight),
+                Use("sp", cls.lambda_sp, rows="unlabeled"))
 
     @classmethod
     def consistency_use(cls, weight) -> Use:
