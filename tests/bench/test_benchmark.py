@@ -527,8 +527,10 @@ def test_import_results_takes_only_runs_made_under_the_same_conditions(tmp_path)
     # this folder's own run is kept
     with open(os.path.join(run_dir(c, BASELINE, 1, 0), "result.json"), "w") as f:
         json.dump(rec(BASELINE, dice={"x": 0.9, "mean": 0.9}), f)
+    logs.clear()
     assert import_results(c, prep, c.imports, log=logs.append) == []
     assert finished_result(c, prep, BASELINE, 1, 0)["dice"]["mean"] == 0.9
+    assert any("N=1 seed=0: already in this work folder" in m and "kept" in m for m in logs)
     # a report of other test cases cannot be compared at all
     report.write_text(json.dumps({"config": {"dataset": "acdc"}, "data": dict(data, test=["T_f1"]), "runs": runs}))
     with pytest.raises(BenchmarkError, match="test cases differ"):
