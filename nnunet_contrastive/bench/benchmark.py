@@ -721,7 +721,8 @@ def import_results(cfg: Config, prep: Prepared, paths: list[str], log=print) -> 
                 continue
             folder = run_dir(cfg, key[0], key[1], key[2])
             if os.path.isfile(os.path.join(folder, "result.json")):
-                log(f"  {name}: already in this work folder (trained or imported here before); kept, {path} not read for it")
+                log(f"  {name}: already in this work folder (trained or imported here before); kept, {path} "
+                    f"not read for it")
                 continue
             os.makedirs(folder, exist_ok=True)
             _write_json(os.path.join(folder, "result.json"), dict(rec, imported_from=os.path.abspath(path)))
