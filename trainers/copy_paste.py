@@ -11,7 +11,7 @@ labels the very pixels the student sees pasted.
 ACDC, one labeled patient (CPU tier, README Results), defaults untuned: seed 0 validation 0.709 against Mean
 Teacher's 0.594 and FewLabels' 0.561, test 0.720; test gains over FewLabels +0.183, +0.127, -0.021,
 +0.065 at seeds 0-3 (+0.089 +- 0.088, interval over seeds [-0.051, +0.228]; seeds 4-7 declared). Three labeled
-patients, seed 0: test 0.767, +0.139 (Mean Teacher +0.059).
+patients: +0.139, +0.214, +0.030 at seeds 0-2 (+0.127 +- 0.092, interval over seeds [-0.102, +0.357]).
 """
 from nnunet_contrastive.framework.schedules import SigmoidRampup
 from nnunet_contrastive.framework.stages import LoaderSpec, Stage, Use
